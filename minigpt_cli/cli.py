@@ -1,0 +1,249 @@
+"""The ``minigpt`` command: one thin function per subcommand."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from minigpt_cli.config import SAMPLERS, Config, all_keys, dumps, load_config
+from minigpt_cli.errors import MinigptError
+from minigpt_cli.runs import RunDir, write_text
+
+app = typer.Typer(
+    help="Train small GPT language models from scratch on plain text, and generate text from them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see configs/).")]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", "-r", help="Run directory (default: runs/<config name>).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
+]
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence the C++ start-up lines TensorFlow prints before its logging is set up."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _load_tensorflow() -> None:
+    with _quiet_native_stderr():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        tf.get_logger().setLevel("ERROR")
+        import keras_hub  # noqa: F401
+
+
+def _setup(config: Path | None, run_dir: Path | None, overrides: list[str] | None) -> tuple[Config, RunDir]:
+    """Resolve the run directory and the config (the run's own config when none is given)."""
+    root = run_dir or Path("runs") / (config.stem if config else "default")
+    run = RunDir(root)
+    if config is None and run.config.is_file():
+        config = run.config
+    return load_config(config, overrides or []), run
+
+
+def _save_config(cfg: Config, run: RunDir) -> None:
+    run.create()
+    write_text(run.config, dumps(cfg))
+
+
+@app.command()
+def vocab(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+    """Learn the WordPiece vocabulary from the training text; writes vocab.txt."""
+    cfg, run = _setup(config, run_dir, set_)
+    _save_config(cfg, run)
+    _load_tensorflow()
+    from minigpt_cli.vocab import build_vocabulary
+
+    with err.status("learning the vocabulary..."):
+        report = build_vocabulary(cfg, run)
+    note = "" if report.size == report.requested else f" ({report.requested} asked; the text gives no more)"
+    out.print(
+        f"vocabulary: {report.size:,} tokens{note} from {report.train_lines:,} lines in {report.seconds:.1f}s; "
+        f"[UNK] share on the validation text {report.unknown_share:.2%} -> {run.vocab}"
+    )
+
+
+@app.command()
+def train(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+    """Train the mini-GPT on the run's vocabulary; writes model.keras, history and samples."""
+    cfg, run = _setup(config, run_dir, set_)
+    run.require_vocab()
+    _save_config(cfg, run)
+    _load_tensorflow()
+    from minigpt_cli.train import train as train_model
+
+    history = train_model(cfg, run, err)
+    last = history[-1]
+    out.print(
+        f"trained {len(history)} epochs: val_perplexity {last['val_perplexity']:.2f} -> {run.model} "
+        f"(history in {run.history_csv.name}, samples in {run.samples.name})"
+    )
+
+
+def _read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
+    if prompt is not None and prompt_file is not None:
+        raise MinigptError("give --prompt or --prompt-file, not both")
+    if prompt_file is None:
+        return [prompt or ""]
+    try:
+        text = sys.stdin.read() if prompt_file == "-" else Path(prompt_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MinigptError(f"prompt file not found: {prompt_file}") from None
+    except UnicodeDecodeError:
+        raise MinigptError(f"prompt file {prompt_file} is not UTF-8 text") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise MinigptError(f"no prompt in {'standard input' if prompt_file == '-' else prompt_file}")
+    return prompts
+
+
+@app.command()
+def generate(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    sampler: Annotated[
+        str | None, typer.Option(help=f"{'|'.join(SAMPLERS)}|all (default: generate.sampler, topk)")
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Text to continue (default: none, start from the [BOS] token).")
+    ] = None,
+    prompt_file: Annotated[
+        str | None, typer.Option(help="File with one prompt per line ('-' reads standard input).")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="New tokens per sample (default: generate.max_tokens, 80).")
+    ] = None,
+    k: Annotated[int | None, typer.Option(help="Top-k: sample from the k likeliest tokens.")] = None,
+    p: Annotated[float | None, typer.Option(help="Top-p: sample from the tokens holding p of the probability.")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search: beams kept.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same text.")] = None,
+    num_samples: Annotated[int, typer.Option(help="Samples per prompt, made in one batched call.")] = 1,
+    show_prompt: Annotated[bool, typer.Option(help="Print the prompt before the new text.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample.")] = False,
+) -> None:
+    """Generate text from the run's trained model."""
+    cfg, run = _setup(config, run_dir, set_)
+    g = cfg.generate
+    name = sampler or g.sampler
+    if name != "all" and name not in SAMPLERS:
+        raise MinigptError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)} or all")
+    if num_samples < 1:
+        raise MinigptError(f"--num-samples must be at least 1, got {num_samples}")
+    max_tokens = g.max_tokens if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise MinigptError(f"--max-tokens must be at least 1, got {max_tokens}")
+    prompts = _read_prompts(prompt, prompt_file)
+    run.require_vocab()
+    run.require_model()
+
+    from minigpt_cli.samplers import SamplerSpec
+
+    def spec(sampler_name: str) -> SamplerSpec:
+        return SamplerSpec(
+            sampler_name,
+            k=g.k if k is None else k,
+            p=g.p if p is None else p,
+            num_beams=g.num_beams if num_beams is None else num_beams,
+            temperature=g.temperature if temperature is None else temperature,
+            seed=seed,
+            top_p_candidates=g.top_p_candidates,
+        ).check()
+
+    specs = [spec(s) for s in (SAMPLERS if name == "all" else (name,))]
+    _load_tensorflow()
+    from minigpt_cli.generate import Generator, load_model
+    from minigpt_cli.vocab import load_vocabulary, make_tokenizer
+
+    vocab_list = load_vocabulary(run.vocab)
+    model = load_model(run.model, len(vocab_list))
+    generator = Generator(model, make_tokenizer(vocab_list, cfg.vocab.lowercase), jit_compile=g.jit_compile)
+    batch = [p_ for p_ in prompts for _ in range(num_samples)]
+    _, fitted = generator.fit_lengths(prompts, max_tokens)
+    if fitted < max_tokens:
+        err.print(f"note: only {fitted} new tokens fit in the model's {generator.seq_len}-token window")
+    results = [generator.run(batch, s, max_tokens) for s in specs]
+
+    if as_json:
+        for samples in results:
+            for s in samples:
+                d = s.to_dict()
+                d.pop("raw_text")
+                print(json.dumps(d))
+        return
+    if name == "all":
+        table = Table(title=f"prompt: {prompts[0]!r}" if prompts[0] else "prompt: [BOS]", show_lines=True)
+        for col in ("sampler", "text", "tok/s", "repeated 4-grams", "distinct bigrams"):
+            table.add_column(col, overflow="fold")
+        for samples in results:
+            for s in samples:
+                shown = {a: b for a, b in s.settings.items() if a != "seed" and not (a == "temperature" and b == 1)}
+                settings = " ".join(f"{a}={b}" for a, b in shown.items())
+                table.add_row(
+                    f"{s.sampler}\n{settings}",
+                    (s.prompt + " | " if show_prompt and s.prompt else "") + s.text,
+                    f"{s.tokens_per_second:,.0f}",
+                    f"{s.stats['repeated_4grams']:.0%}",
+                    f"{s.stats['distinct_bigrams']:.0%}",
+                )
+        out.print(table, markup=False)
+        return
+    for i, s in enumerate(results[0]):
+        if i:
+            print()
+        print(f"{s.prompt} {s.text}".strip() if show_prompt else s.text)
+
+
+@app.command("config")
+def show_config(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    keys: Annotated[bool, typer.Option("--keys", help="List every config key.")] = False,
+) -> None:
+    """Print the resolved config as TOML (or, with --keys, every key)."""
+    if keys:
+        print("\n".join(all_keys()))
+        return
+    cfg, _ = _setup(config, run_dir, set_)
+    print(dumps(cfg), end="")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except MinigptError as e:
+        err.print(Text.assemble(("error: ", "bold red"), str(e)))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

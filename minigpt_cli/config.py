@@ -1,0 +1,240 @@
+"""One config for every subcommand: schema, TOML loading, overrides, checks.
+
+The defaults are the reference example's values. A config file only names the
+keys it changes; ``--set section.key=value`` overrides any key, the value
+parsed as TOML (``1e-3``, ``true``, ``"text"``, ``[1, 2]``), bare words taken
+as strings.
+
+>>> cfg = load_config(None, ["model.num_layers=4"])
+>>> cfg.model.num_layers
+4
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from minigpt_cli.errors import MinigptError
+
+SIMPLEBOOKS_URL = "https://dldata-public.s3.us-east-2.amazonaws.com/simplebooks.zip"
+SAMPLERS = ("greedy", "beam", "random", "topk", "topp")
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass
+class DataConfig:
+    url: str = SIMPLEBOOKS_URL
+    subset: str = "simplebooks-92-raw"
+    train: str = ""
+    valid: str = ""
+    cache_dir: str = ""
+    min_string_len: int = field(default=512, metadata=_range(0))
+    batch_size: int = field(default=64, metadata=_range(1))
+    shuffle_buffer: int = field(default=256, metadata=_range(1))
+
+
+@dataclass
+class VocabConfig:
+    size: int = field(default=5000, metadata=_range(4))
+    lowercase: bool = True
+    reserved_tokens: list[str] = field(default_factory=lambda: ["[PAD]", "[UNK]", "[BOS]"])
+
+
+@dataclass
+class ModelConfig:
+    seq_len: int = field(default=128, metadata=_range(2))
+    embed_dim: int = field(default=256, metadata=_range(1))
+    feed_forward_dim: int = field(default=128, metadata=_range(1))
+    num_heads: int = field(default=3, metadata=_range(1))
+    num_layers: int = field(default=2, metadata=_range(1))
+    dropout: float = field(default=0.0, metadata=_range(0.0, 0.99))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=5, metadata=_range(1))
+    steps_per_epoch: int | None = field(default=None, metadata=_range(1))
+    validation_steps: int | None = field(default=None, metadata=_range(1))
+    learning_rate: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
+    sample_each_epoch: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    sampler: str = "topk"
+    max_tokens: int = field(default=80, metadata=_range(1))
+    k: int = field(default=10, metadata=_range(1))
+    p: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+    num_beams: int = field(default=10, metadata=_range(1))
+    temperature: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    top_p_candidates: int = field(default=128, metadata=_range(1))
+    jit_compile: str = "auto"
+
+
+@dataclass
+class Config:
+    seed: int = field(default=42, metadata=_range(0))
+    data: DataConfig = field(default_factory=DataConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data, without unset (None) values, for TOML."""
+        return _drop_none(asdict(self))
+
+
+CHOICES = {
+    "generate.sampler": SAMPLERS,
+    "generate.jit_compile": ("auto", "true", "false"),
+}
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config) if f.name in _SECTION_NAMES}
+
+
+_SECTION_NAMES = ("data", "vocab", "model", "train", "generate")
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``model.seq_len``."""
+    keys = [f.name for f in fields(Config) if f.name not in _SECTION_NAMES]
+    for name, cls in _sections().items():
+        keys += [f"{name}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+def _unknown(key: str) -> MinigptError:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return MinigptError(f"unknown config key '{key}'{hint}; run 'minigpt config --keys' for the list")
+
+
+def _check_value(key: str, hint: Any, meta: Any, value: Any) -> Any:
+    """Return ``value`` converted to the key's type, or raise a one-line error."""
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    origin = typing.get_origin(base)
+    ok = True
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        names = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
+        tname = "a list of strings" if origin is list else names[base]
+        raise MinigptError(f"config key '{key}' must be {tname}, got {value!r}")
+    rng = meta.get("lo"), meta.get("hi")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = rng
+        too_low = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+        too_high = hi is not None and value > hi
+        if too_low or too_high:
+            lo_s = "-inf" if lo is None else lo
+            hi_s = "inf" if hi is None else hi
+            bracket = "(" if meta.get("lo_open") else "["
+            raise MinigptError(f"config key '{key}' = {value} is out of range {bracket}{lo_s}, {hi_s}]")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise MinigptError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got {value!r}")
+    return value
+
+
+def _assign(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target: Any = cfg
+    if len(parts) == 2 and parts[0] in _SECTION_NAMES:
+        target = getattr(cfg, parts[0])
+    elif len(parts) != 1 or parts[0] in _SECTION_NAMES:
+        raise _unknown(key)
+    name = parts[-1]
+    fmap = {f.name: f for f in fields(target)}
+    if name not in fmap:
+        raise _unknown(key)
+    hint = typing.get_type_hints(type(target))[name]
+    setattr(target, name, _check_value(key, hint, fmap[name].metadata, value))
+
+
+def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    items = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            if k not in _SECTION_NAMES:
+                raise _unknown(k)
+            items += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
+        else:
+            items.append((k, v))
+    return items
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value`` and parse the value as TOML (or a bare string)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise MinigptError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def _validate(cfg: Config) -> None:
+    reserved = cfg.vocab.reserved_tokens
+    if reserved[:1] != ["[PAD]"] or "[UNK]" not in reserved or "[BOS]" not in reserved:
+        raise MinigptError(
+            'config key \'vocab.reserved_tokens\' must start with "[PAD]" and contain "[UNK]" and "[BOS]"'
+        )
+    if cfg.vocab.size <= len(reserved):
+        raise MinigptError("config key 'vocab.size' must be larger than the number of reserved tokens")
+    if cfg.model.embed_dim < cfg.model.num_heads:
+        raise MinigptError("config key 'model.embed_dim' must be at least model.num_heads")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file at ``path`` (if any), then ``overrides``."""
+    cfg = Config()
+    items: list[tuple[str, Any]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MinigptError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise MinigptError(f"config file {path} is not valid TOML: {e}") from None
+        items += _flatten(data)
+    items += [parse_override(o) for o in overrides]
+    for key, value in items:
+        _assign(cfg, key, value)
+    _validate(cfg)
+    return cfg
+
+
+def dumps(cfg: Config) -> str:
+    """The resolved config as TOML text."""
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_dict())

@@ -1,0 +1,201 @@
+"""The reference mini-GPT as a KerasHub ``Backbone`` + ``CausalLM`` + preprocessor.
+
+The layers are the reference's: ``TokenAndPositionEmbedding``, ``num_layers``
+post-norm ``TransformerDecoder`` blocks and a ``Dense`` head to the
+vocabulary. As a KerasHub ``CausalLM`` it gets ``generate()`` with every
+KerasHub sampler, run as one compiled loop over a key/value cache.
+
+>>> backbone = MiniGPTBackbone(vocabulary_size=5000, sequence_length=128,
+...     embedding_dim=256, intermediate_dim=128, num_heads=3, num_layers=2)
+>>> MiniGPTCausalLM(backbone).count_params()
+3255938
+"""
+
+from __future__ import annotations
+
+import keras
+import keras_hub
+from keras import ops
+
+from minigpt_cli.vocab import MiniGPTTokenizer
+
+
+@keras.saving.register_keras_serializable(package="minigpt")
+class MiniGPTBackbone(keras_hub.models.Backbone):
+    """Token + position embedding and a stack of causal ``TransformerDecoder``s.
+
+    Takes ``{"token_ids", "padding_mask"}`` and returns the hidden states
+    ``(batch, length, embedding_dim)``.
+    """
+
+    def __init__(
+        self,
+        vocabulary_size: int,
+        sequence_length: int,
+        embedding_dim: int,
+        intermediate_dim: int,
+        num_heads: int,
+        num_layers: int,
+        dropout: float = 0.0,
+        dtype=None,
+        **kwargs,
+    ):
+        # === Layers ===
+        self.embedding = keras_hub.layers.TokenAndPositionEmbedding(
+            vocabulary_size=vocabulary_size,
+            sequence_length=sequence_length,
+            embedding_dim=embedding_dim,
+            dtype=dtype,
+            name="token_and_position_embedding",
+        )
+        self.transformer_layers = [
+            keras_hub.layers.TransformerDecoder(
+                intermediate_dim=intermediate_dim,
+                num_heads=num_heads,
+                dropout=dropout,
+                dtype=dtype,
+                name=f"transformer_decoder_{i}",
+            )
+            for i in range(num_layers)
+        ]
+
+        # === Functional Model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = self.embedding(token_ids)
+        for layer in self.transformer_layers:
+            x = layer(x, decoder_padding_mask=padding_mask)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=x,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.sequence_length = sequence_length
+        self.embedding_dim = embedding_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_heads = num_heads
+        self.num_layers = num_layers
+        self.dropout = dropout
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "sequence_length": self.sequence_length,
+                "embedding_dim": self.embedding_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "num_heads": self.num_heads,
+                "num_layers": self.num_layers,
+                "dropout": self.dropout,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="minigpt")
+class MiniGPTCausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
+    """Packs text the reference's way: features ``[BOS] + tokens``, labels ``tokens``.
+
+    ``sample_weight`` masks the padded labels.
+    """
+
+    tokenizer_cls = MiniGPTTokenizer
+
+    def __init__(self, tokenizer, sequence_length: int = 128, **kwargs):
+        kwargs.setdefault("add_end_token", False)
+        super().__init__(tokenizer=tokenizer, sequence_length=sequence_length, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="minigpt")
+class MiniGPTCausalLM(keras_hub.models.CausalLM):
+    """The mini-GPT language model: backbone + ``Dense`` head, with cached generation."""
+
+    backbone_cls = MiniGPTBackbone
+    preprocessor_cls = MiniGPTCausalLMPreprocessor
+
+    def __init__(self, backbone: MiniGPTBackbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.lm_head = keras.layers.Dense(backbone.vocabulary_size, dtype=backbone.dtype_policy, name="lm_head")
+
+        # === Functional Model ===
+        inputs = backbone.input
+        outputs = self.lm_head(backbone(inputs))
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def call_with_cache(self, token_ids, cache, cache_update_index, key_mask=None):
+        """One forward pass over ``token_ids`` placed at ``cache_update_index``.
+
+        ``key_mask`` (batch, length) marks the cached positions that may be
+        attended to: ``[PAD]`` keys are masked, as in the uncached model.
+        Returns ``(logits, hidden_states, cache)``; ``cache`` holds every
+        layer's keys and values, shape ``(batch, layers, 2, length, heads, head_dim)``.
+        """
+        x = self.backbone.embedding(token_ids, start_index=cache_update_index)
+        attention_mask = None if key_mask is None else ops.expand_dims(ops.cast(key_mask, "int32"), axis=1)
+        caches = []
+        for i, layer in enumerate(self.backbone.transformer_layers):
+            x, layer_cache = layer(
+                x,
+                decoder_attention_mask=attention_mask,
+                self_attention_cache=cache[:, i, ...],
+                self_attention_cache_update_index=cache_update_index,
+            )
+            caches.append(layer_cache)
+        return self.lm_head(x), x, ops.stack(caches, axis=1)
+
+    def _build_cache(self, token_ids):
+        backbone = self.backbone
+        batch_size, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        head_dim = backbone.embedding_dim // backbone.num_heads
+        shape = [batch_size, backbone.num_layers, 2, length, backbone.num_heads, head_dim]
+        cache = ops.zeros(shape, dtype=self.compute_dtype)
+        key_mask = ops.not_equal(token_ids, 0)
+        _, hidden_states, cache = self.call_with_cache(token_ids, cache, 0, key_mask)
+        return hidden_states, cache
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """Fill every position past each prompt with sampled tokens (XLA-compilable)."""
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        hidden_states, cache = self._build_cache(token_ids)
+        index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
+
+        def next(prompt, cache, index):
+            cache_update_index = index - 1
+            batch_size = ops.shape(prompt)[0]
+            key_mask = ops.not_equal(prompt, 0)
+            prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
+            logits, hidden, cache = self.call_with_cache(prompt, cache, cache_update_index, key_mask)
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+        return {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids, dtype="bool")}
+
+
+def build_model(vocabulary_size: int, cfg) -> MiniGPTCausalLM:
+    """A fresh mini-GPT sized by a ``ModelConfig`` and the vocabulary's real size."""
+    backbone = MiniGPTBackbone(
+        vocabulary_size=vocabulary_size,
+        sequence_length=cfg.seq_len,
+        embedding_dim=cfg.embed_dim,
+        intermediate_dim=cfg.feed_forward_dim,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        dropout=cfg.dropout,
+    )
+    return MiniGPTCausalLM(backbone)

@@ -1,0 +1,106 @@
+"""Learning, saving and loading the WordPiece vocabulary, and its tokenizer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras_hub
+
+from minigpt_cli.errors import MinigptError
+from minigpt_cli.runs import write_text
+
+PAD, UNK, BOS = "[PAD]", "[UNK]", "[BOS]"
+
+
+class MiniGPTTokenizer(keras_hub.tokenizers.WordPieceTokenizer):
+    """The reference's lowercase WordPiece tokenizer, with ``[BOS]`` as start token.
+
+    There is no end token: generation runs for the number of tokens asked.
+
+    >>> tok = MiniGPTTokenizer(vocabulary=["[PAD]", "[UNK]", "[BOS]", "the", "cat"])
+    >>> tok("The cat").numpy().tolist()
+    [3, 4]
+    """
+
+    def __init__(self, vocabulary=None, lowercase: bool = True, **kwargs):
+        self._add_special_token(PAD, "pad_token")
+        self._add_special_token(BOS, "start_token")
+        self.end_token_id = None
+        kwargs.setdefault("oov_token", UNK)
+        super().__init__(vocabulary=vocabulary, lowercase=lowercase, **kwargs)
+
+
+def learn_vocabulary(raw_train_ds, size: int, lowercase: bool, reserved_tokens: list[str]) -> list[str]:
+    """The reference's ``compute_word_piece_vocabulary`` over a dataset of text batches."""
+    return keras_hub.tokenizers.compute_word_piece_vocabulary(
+        raw_train_ds,
+        vocabulary_size=size,
+        lowercase=lowercase,
+        reserved_tokens=list(reserved_tokens),
+    )
+
+
+def save_vocabulary(vocab: list[str], path: Path) -> None:
+    write_text(path, "".join(f"{tok}\n" for tok in vocab))
+
+
+def load_vocabulary(path: Path) -> list[str]:
+    """Read ``vocab.txt``; refuse a file that cannot be the vocabulary of a run."""
+    try:
+        vocab = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise MinigptError(f"{path} is not a UTF-8 vocabulary file; run 'minigpt vocab' again") from None
+    if len(vocab) < 4 or vocab[0] != PAD or UNK not in vocab or BOS not in vocab:
+        raise MinigptError(
+            f"{path} is not a minigpt vocabulary (it must start with {PAD} and hold {UNK} and {BOS}); "
+            "run 'minigpt vocab' again"
+        )
+    if len(set(vocab)) != len(vocab):
+        raise MinigptError(f"{path} lists a token twice; run 'minigpt vocab' again")
+    return vocab
+
+
+def make_tokenizer(vocab: list[str], lowercase: bool = True) -> MiniGPTTokenizer:
+    return MiniGPTTokenizer(vocabulary=vocab, lowercase=lowercase)
+
+
+def unknown_share(tokenizer: MiniGPTTokenizer, raw_ds) -> float:
+    """Share of ``[UNK]`` among the tokens of a dataset of text batches."""
+    import tensorflow as tf
+
+    unk = tokenizer.token_to_id(UNK)
+    total = unknown = 0
+    for ids in raw_ds.map(tokenizer):
+        ids = ids.flat_values
+        total += int(tf.size(ids))
+        unknown += int(tf.reduce_sum(tf.cast(ids == unk, tf.int64)))
+    return unknown / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class VocabReport:
+    size: int
+    requested: int
+    seconds: float
+    unknown_share: float
+    train_lines: int
+
+
+def build_vocabulary(cfg, run) -> VocabReport:
+    """Learn ``vocab.txt`` for the run from the training text, as the reference does."""
+    from minigpt_cli.data import check_text, raw_text_dataset, text_files
+
+    train_files = text_files(cfg.data, "train")
+    valid_files = text_files(cfg.data, "valid")
+    stats = check_text(train_files, cfg.data.min_string_len, "data.train")
+    check_text(valid_files, cfg.data.min_string_len, "data.valid")
+    t0 = time.perf_counter()
+    raw_train = raw_text_dataset(train_files, cfg.data, shuffle=False, seed=cfg.seed)
+    vocab = learn_vocabulary(raw_train, cfg.vocab.size, cfg.vocab.lowercase, cfg.vocab.reserved_tokens)
+    seconds = time.perf_counter() - t0
+    save_vocabulary(vocab, run.vocab)
+    raw_valid = raw_text_dataset(valid_files, cfg.data, shuffle=False, seed=cfg.seed)
+    share = unknown_share(make_tokenizer(vocab, cfg.vocab.lowercase), raw_valid)
+    return VocabReport(len(vocab), cfg.vocab.size, seconds, share, stats.kept_lines)
