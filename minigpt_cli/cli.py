@@ -91,19 +91,55 @@ def vocab(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = No
 
 
 @app.command()
-def train(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
-    """Train the mini-GPT on the run's vocabulary; writes model.keras, history and samples."""
+def train(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+) -> None:
+    """Train the mini-GPT on the run's vocabulary; writes model.keras, history, samples and checkpoints."""
     cfg, run = _setup(config, run_dir, set_)
     run.require_vocab()
     _save_config(cfg, run)
     _load_tensorflow()
     from minigpt_cli.train import train as train_model
 
-    history = train_model(cfg, run, err)
+    history = train_model(cfg, run, err, resume=resume)
     last = history[-1]
     out.print(
         f"trained {len(history)} epochs: val_perplexity {last['val_perplexity']:.2f} -> {run.model} "
-        f"(history in {run.history_csv.name}, samples in {run.samples.name})"
+        f"(history in {run.history_csv.name}, curve in {run.curve.name}, samples in {run.samples.name})"
+    )
+
+
+@app.command()
+def evaluate(
+    data: Annotated[str, typer.Option("--data", help="Text to score: a file, a folder of .txt files, or a glob.")],
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    windows: Annotated[
+        str | None, typer.Option(help="reference|packed (default: the way the run was trained).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Loss, perplexity and bits per character of the run's model on any text."""
+    cfg, run = _setup(config, run_dir, set_)
+    mode = windows or ("packed" if cfg.data.packing else "reference")
+    if mode not in ("reference", "packed"):
+        raise MinigptError(f"--windows must be reference or packed, got {mode!r}")
+    run.require_vocab()
+    run.require_model()
+    _load_tensorflow()
+    from minigpt_cli.evaluate import evaluate as evaluate_run
+
+    result = evaluate_run(run, data, mode, cfg.data.min_string_len, cfg.vocab.lowercase, cfg.data.batch_size)
+    if as_json:
+        print(json.dumps(result.__dict__))
+        return
+    out.print(
+        f"{mode} windows: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
+        f"bits/char {result.bits_per_character:.4f}  ({result.tokens:,} tokens scored, {result.files} files)"
     )
 
 
@@ -241,9 +277,16 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
         app()
+    except SystemExit as e:
+        if e.code in (0, None) and "tensorflow" in sys.modules:
+            # Everything is written; skip TensorFlow's teardown, which takes ~0.6 s at exit.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        raise
     except MinigptError as e:
         err.print(Text.assemble(("error: ", "bold red"), str(e)))
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

@@ -36,6 +36,7 @@ class DataConfig:
     train: str = ""
     valid: str = ""
     cache_dir: str = ""
+    packing: bool = False
     min_string_len: int = field(default=512, metadata=_range(0))
     batch_size: int = field(default=64, metadata=_range(1))
     shuffle_buffer: int = field(default=256, metadata=_range(1))
@@ -64,6 +65,13 @@ class TrainConfig:
     steps_per_epoch: int | None = field(default=None, metadata=_range(1))
     validation_steps: int | None = field(default=None, metadata=_range(1))
     learning_rate: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
+    optimizer: str = "adam"
+    weight_decay: float = field(default=0.01, metadata=_range(0.0))
+    lr_schedule: str = "constant"
+    warmup_steps: int = field(default=0, metadata=_range(0))
+    min_lr_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    clip_norm: float = field(default=0.0, metadata=_range(0.0))
+    checkpoint_every: int = field(default=0, metadata=_range(0))
     sample_each_epoch: bool = True
 
 
@@ -94,6 +102,8 @@ class Config:
 
 
 CHOICES = {
+    "train.optimizer": ("adam", "adamw"),
+    "train.lr_schedule": ("constant", "cosine"),
     "generate.sampler": SAMPLERS,
     "generate.jit_compile": ("auto", "true", "false"),
 }
@@ -127,6 +137,8 @@ def _unknown(key: str) -> MinigptError:
 
 def _check_value(key: str, hint: Any, meta: Any, value: Any) -> Any:
     """Return ``value`` converted to the key's type, or raise a one-line error."""
+    if key in CHOICES and isinstance(value, bool):
+        value = str(value).lower()  # generate.jit_compile = true
     optional = type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
     origin = typing.get_origin(base)

@@ -120,38 +120,43 @@ class TextStats:
 
 
 def check_text(files: list[Path], min_string_len: int, what: str) -> TextStats:
-    """Read ``files`` once: refuse non-UTF-8, empty, or too-short text with a clear error."""
+    """Read ``files`` once: refuse non-UTF-8, empty, or too-short text with a clear error.
+
+    Line length is counted in UTF-8 bytes, as the reference's ``tf.strings.length`` does.
+    """
     lines = kept = chars = 0
     for path in files:
         try:
-            with open(path, encoding="utf-8", errors="strict") as f:
-                for line in f:
-                    n = len(line.rstrip("\r\n"))
+            with open(path, "rb") as f:
+                for lines_in_file, line in enumerate(f, 1):
+                    line = line.rstrip(b"\r\n")
+                    try:
+                        chars += len(line.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        raise MinigptError(
+                            f"{what}: {path} is not valid UTF-8 text (line {lines_in_file}, byte {e.start + 1}); "
+                            "convert it to UTF-8"
+                        ) from None
                     lines += 1
-                    chars += n
-                    kept += n > min_string_len
-        except UnicodeDecodeError as e:
-            raise MinigptError(
-                f"{what}: {path} is not valid UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8"
-            ) from None
+                    kept += len(line) > min_string_len
         except OSError as e:
             raise MinigptError(f"{what}: cannot read {path}: {e.strerror}") from None
     if chars == 0:
         raise MinigptError(f"{what}: the text in {', '.join(map(str, files))} is empty")
     if kept == 0:
         raise MinigptError(
-            f"{what}: no line is longer than data.min_string_len={min_string_len} characters; "
+            f"{what}: no line is longer than data.min_string_len={min_string_len} bytes; "
             "lower it (e.g. --set data.min_string_len=64) or use text with longer paragraphs"
         )
     return TextStats(files=len(files), lines=lines, kept_lines=kept, characters=chars)
 
 
 def raw_text_dataset(files: list[Path], cfg: DataConfig, shuffle: bool, seed: int):
-    """Lines longer than ``min_string_len`` characters, batched, as the reference does."""
+    """Lines longer than ``min_string_len`` bytes, batched and shuffled by batch, as the reference does."""
     import tensorflow as tf
 
     ds = tf.data.TextLineDataset([str(f) for f in files])
-    ds = ds.filter(lambda x: tf.strings.length(x, unit="UTF8_CHAR") > cfg.min_string_len)
+    ds = ds.filter(lambda x: tf.strings.length(x) > cfg.min_string_len)
     ds = ds.batch(cfg.batch_size)
     if shuffle:
         ds = ds.shuffle(buffer_size=cfg.shuffle_buffer, seed=seed)

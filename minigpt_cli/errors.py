@@ -7,3 +7,5 @@ class MinigptError(Exception):
     The CLI prints its message as one line and exits with code 2; the message
     says what is wrong and what to do about it.
     """
+
+    exit_code = 2

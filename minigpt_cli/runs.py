@@ -68,6 +68,14 @@ class RunDir:
         return self.root / "history.csv"
 
     @property
+    def steps_csv(self) -> Path:
+        return self.root / "steps.csv"
+
+    @property
+    def curve(self) -> Path:
+        return self.root / "training_curve.png"
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples.txt"
 

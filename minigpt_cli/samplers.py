@@ -50,6 +50,7 @@ class SamplerSpec:
         """The KerasHub sampler (imports TensorFlow)."""
         import keras_hub
 
+        from minigpt_cli.random_sampler import InverseCDFRandomSampler
         from minigpt_cli.top_p_sampler import CandidateTopPSampler
 
         t = self.temperature
@@ -58,7 +59,7 @@ class SamplerSpec:
         if self.name == "beam":
             return keras_hub.samplers.BeamSampler(num_beams=self.num_beams, temperature=t)
         if self.name == "random":
-            return keras_hub.samplers.RandomSampler(seed=self.seed, temperature=t)
+            return InverseCDFRandomSampler(seed=self.seed, temperature=t)
         if self.name == "topk":
             return keras_hub.samplers.TopKSampler(k=self.k, seed=self.seed, temperature=t)
         return CandidateTopPSampler(p=self.p, k=self.top_p_candidates, seed=self.seed, temperature=t)

@@ -10,6 +10,7 @@ import pytest
 from minigpt_cli.config import ModelConfig
 from minigpt_cli.generate import Generator, load_model, reference_next, repetition, tidy
 from minigpt_cli.model import MiniGPTCausalLM, build_model
+from minigpt_cli.random_sampler import InverseCDFRandomSampler
 from minigpt_cli.samplers import SamplerSpec
 from minigpt_cli.top_p_sampler import CandidateTopPSampler
 from minigpt_cli.vocab import load_vocabulary, make_tokenizer
@@ -69,6 +70,16 @@ def test_cached_greedy_equals_uncached_reference_loop(trained):
     got = _cached(model, token_ids, mask, keras_hub.samplers.GreedySampler())
     np.testing.assert_array_equal(got, expected)
     assert (got[:, 1:] != 0).any()
+
+
+def test_cached_beam_search_equals_uncached_reference_loop(trained):
+    """Beam search reorders the cache every step; the result must not change."""
+    model, tokenizer, _ = trained
+    bos = tokenizer.token_to_id("[BOS]")
+    token_ids, mask = _prompts(model.backbone.sequence_length, [[bos, *np.asarray(tokenizer("the king")).tolist()]])
+    expected = _reference(model, token_ids, mask, keras_hub.samplers.BeamSampler(num_beams=4))
+    got = _cached(model, token_ids, mask, keras_hub.samplers.BeamSampler(num_beams=4))
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_cached_equals_reference_when_pad_is_generated():
@@ -132,9 +143,22 @@ def test_top_p_falls_back_to_full_sort_when_candidates_fall_short():
     assert len(np.unique(draws)) > 20
 
 
+def test_inverse_cdf_random_sampler_draws_the_softmax_distribution():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.full(30, 0.5))
+    draws = _draw(InverseCDFRandomSampler(seed=3), probs, 20000)
+    freq = np.bincount(draws, minlength=30) / len(draws)
+    assert np.abs(freq - probs).max() < 0.015
+    assert draws.min() >= 0 and draws.max() < 30
+
+
 def test_tidy_joins_punctuation():
     raw = '" i \' m going to tell you , " said the boy . " don \' t ! " ( he laughed )'
     assert tidy(raw) == '"i\'m going to tell you," said the boy. "don\'t!" (he laughed)'
+
+
+def test_tidy_curly_quotes():
+    assert tidy("“ i can ’ t , ” he said .") == "“i can’t,” he said."
 
 
 def test_repetition_figures():

@@ -1,0 +1,198 @@
+"""Generation speed: the reference's uncached loop against minigpt's, side by side.
+
+Same weights, same sampler, same prompt ([BOS]) and length, in one run:
+
+    python benchmarks/generate.py --run-dir runs/simplebooks     # a trained run
+    python benchmarks/generate.py                                # random reference-size weights
+    python benchmarks/generate.py --run-dir runs/simplebooks --cli   # + whole-command timings
+
+The reference loop is the KerasHub example's: ``model(prompt)[:, index - 1, :]``
+on the whole window for every new token, run eagerly. Ours is the model's
+cached ``generate_step`` in one compiled function (XLA and plain graph).
+Top-p speed depends on how peaked the model's distribution is, so measure it
+on a trained run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SAMPLERS = ("greedy", "random", "topk", "topp", "beam")
+
+
+def machine() -> str:
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {'GPU: ' + str(len(gpus)) if gpus else 'no GPU'}; "
+        f"Python {platform.python_version()}, TensorFlow {tf.__version__}"
+    )
+
+
+def load(run_dir: Path | None, seed: int):
+    import keras
+
+    from minigpt_cli.config import ModelConfig
+    from minigpt_cli.generate import load_model
+    from minigpt_cli.model import build_model
+    from minigpt_cli.vocab import load_vocabulary, make_tokenizer
+
+    if run_dir is None:
+        keras.utils.set_random_seed(seed)
+        vocab = ["[PAD]", "[UNK]", "[BOS]"] + [f"tok{i}" for i in range(4997)]
+        return build_model(len(vocab), ModelConfig()), make_tokenizer(vocab), "random weights"
+    vocab = load_vocabulary(run_dir / "vocab.txt")
+    return load_model(run_dir / "model.keras", len(vocab)), make_tokenizer(vocab), str(run_dir)
+
+
+def reference_loop(model, spec, new_tokens: int) -> tuple[float, list[int]]:
+    """The reference example's generation, timed: seconds and the new token ids."""
+    import keras
+    import numpy as np
+
+    from minigpt_cli.generate import reference_next
+
+    prompt = np.zeros((1, new_tokens + 1), dtype="int32")
+    prompt[0, 0] = 2
+    sampler = spec.build()
+    t0 = time.perf_counter()
+    out = sampler(next=reference_next(model), prompt=keras.ops.convert_to_tensor(prompt), index=1)
+    seconds = time.perf_counter() - t0
+    return seconds, np.asarray(out)[0, 1:].tolist()
+
+
+def speed(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from minigpt_cli.generate import Generator
+    from minigpt_cli.samplers import SamplerSpec
+
+    model, tokenizer, source = load(args.run_dir, args.seed)
+    console = Console()
+    console.print(f"machine: {machine()}")
+    console.print(
+        f"model: {model.count_params():,} parameters ({source}); {args.tokens} new tokens from [BOS]; "
+        f"best of {args.repeat} runs for ours, 1 for the reference"
+    )
+    table = Table()
+    for col in (
+        "sampler",
+        "reference tok/s",
+        "ours XLA tok/s",
+        "XLA compile s",
+        "ours graph tok/s",
+        "graph compile s",
+        "XLA / reference",
+        "greedy ids equal",
+    ):
+        table.add_column(col, justify="right")
+    for name in args.samplers:
+        spec = SamplerSpec(name, k=10, p=0.5, num_beams=10, seed=args.seed, top_p_candidates=args.top_p_candidates)
+        ref_seconds, ref_ids = reference_loop(model, spec, args.tokens)
+        ref_tps = args.tokens / ref_seconds
+        results = {}
+        for mode in ("true", "false"):
+            gen = Generator(model, tokenizer, jit_compile=mode)
+            runs = [gen.run([""], spec, args.tokens)[0] for _ in range(args.repeat)]
+            best = min(runs, key=lambda s: s.seconds)
+            results[mode] = (args.tokens / best.seconds, statistics.median(r.compile_seconds for r in runs), best)
+        same = "yes" if name == "greedy" and results["true"][2].token_ids == ref_ids else ""
+        if name == "greedy" and not same:
+            same = "NO"
+        table.add_row(
+            name,
+            f"{ref_tps:,.1f}",
+            f"{results['true'][0]:,.0f}",
+            f"{results['true'][1]:.2f}",
+            f"{results['false'][0]:,.0f}",
+            f"{results['false'][1]:.2f}",
+            f"{results['true'][0] / ref_tps:,.0f}x",
+            same,
+        )
+    console.print(table)
+    if args.cli:
+        one_shot(args, console)
+
+
+REFERENCE_ONE_SHOT = """
+import sys, os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from pathlib import Path
+sys.path.insert(0, {bench!r})
+from generate import load, reference_loop
+from minigpt_cli.generate import Generator
+from minigpt_cli.samplers import SamplerSpec
+model, tokenizer, _ = load(Path({run!r}), 0)
+_, ids = reference_loop(model, SamplerSpec("topk", k=10, seed=1), {tokens})
+print(Generator(model, tokenizer).detokenize(ids))
+"""
+
+
+def one_shot(args, console) -> None:
+    """What a user waits for: the whole command, start to printed text."""
+    if args.run_dir is None:
+        console.print("--cli needs --run-dir (a trained run)")
+        return
+    minigpt = [sys.executable, "-m", "minigpt_cli", "generate", "--run-dir", str(args.run_dir)]
+    commands = {
+        "minigpt generate (default: graph, no XLA)": minigpt
+        + ["--sampler", "topk", "--seed", "1", "--max-tokens", "80"],
+        "minigpt generate with XLA": minigpt
+        + ["--sampler", "topk", "--seed", "1", "--max-tokens", "80", "--set", "generate.jit_compile=true"],
+        "same program, reference loop": [
+            sys.executable,
+            "-c",
+            REFERENCE_ONE_SHOT.format(bench=str(Path(__file__).parent), run=str(args.run_dir), tokens=80),
+        ],
+    }
+    for label, cmd in commands.items():
+        to_text, total = [], []
+        for _ in range(args.cli_repeat):
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            text = proc.stdout.readline()
+            to_text.append(time.perf_counter() - t0)
+            proc.communicate()
+            total.append(time.perf_counter() - t0)
+            if proc.returncode != 0 or not text.strip():
+                raise SystemExit(f"{label} failed (exit {proc.returncode})")
+        console.print(
+            f"{label}: {statistics.median(to_text):.2f}s to the printed text, "
+            f"{statistics.median(total):.2f}s to exit (median of {args.cli_repeat}; 80 tokens, top-k)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, default=None, help="a trained run (default: random weights)")
+    parser.add_argument("--tokens", type=int, default=127, help="new tokens from [BOS] (default 127)")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of ours per mode; the fastest counts")
+    parser.add_argument("--top-p-candidates", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cli", action="store_true", help="also time whole generate commands")
+    parser.add_argument("--cli-repeat", type=int, default=3)
+    speed(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Training beyond the reference: packing, the token cache, the recipe, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import CORPUS, TINY, minigpt, tiny_sets
+
+from minigpt_cli.config import TrainConfig, load_config
+from minigpt_cli.data import check_text
+from minigpt_cli.model import MiniGPTCausalLMPreprocessor
+from minigpt_cli.runs import RunDir
+from minigpt_cli.train import Interrupted, make_optimizer, train
+from minigpt_cli.vocab import build_vocabulary, load_vocabulary, make_tokenizer
+from minigpt_cli.windows import Batches, cache_key, cut_windows
+
+FILES = [CORPUS / "train.txt"]
+
+
+@pytest.fixture(scope="module")
+def vocab(trained_run):
+    return load_vocabulary(trained_run / "vocab.txt")
+
+
+def test_packed_windows_use_every_token(vocab):
+    tokenizer = make_tokenizer(vocab)
+    windows = cut_windows(FILES, tokenizer, "packed", 32, 64)
+    lines = [line for line in FILES[0].read_text(encoding="utf-8").splitlines() if line.strip()]
+    stream = []
+    for line in lines:
+        stream += [2, *np.asarray(tokenizer(line)).tolist()]
+    n = len(stream) // 33
+    assert windows.shape == (n, 33)
+    np.testing.assert_array_equal(windows.reshape(-1), stream[: n * 33])
+    assert (windows != 0).all(), "packed windows hold no padding"
+    assert (windows == 2).sum() >= len(lines) - 1  # a [BOS] before each paragraph (the last may be cut)
+
+
+def test_reference_windows_are_the_reference_packing(vocab):
+    tokenizer = make_tokenizer(vocab)
+    windows = cut_windows(FILES, tokenizer, "reference", 32, 64)
+    lines = [line for line in FILES[0].read_text(encoding="utf-8").splitlines() if len(line.encode()) > 64]
+    assert len(windows) == len(lines)
+    x, y, sw = MiniGPTCausalLMPreprocessor(tokenizer, sequence_length=32)(lines[:5])
+    np.testing.assert_array_equal(windows[:5, :-1], np.asarray(x["token_ids"]))
+    np.testing.assert_array_equal(windows[:5, 1:], np.asarray(y))
+    assert (windows[:, 0] == 2).all()
+    first = np.asarray(tokenizer(lines[0])).tolist()[:32]
+    assert windows[0, 1:].tolist()[: len(first)] == first
+
+
+def test_batches_are_a_function_of_seed_and_step(vocab):
+    windows = np.arange(50 * 5).reshape(50, 5)
+    a, b = Batches(windows, 8, seed=1), Batches(windows, 8, seed=1)
+    assert a.per_pass == 6
+    for step in (0, 5, 6, 13):
+        np.testing.assert_array_equal(a.batch(step)[1], b.batch(step)[1])
+    first_pass = np.concatenate([a.batch(s)[0]["token_ids"][:, 0] for s in range(6)])
+    assert len(set(first_pass.tolist())) == 48  # no window twice in a pass
+    assert not np.array_equal(a.batch(0)[1], a.batch(6)[1])  # a new order every pass
+    assert not np.array_equal(a.batch(0)[1], Batches(windows, 8, seed=2).batch(0)[1])
+
+
+def test_cache_key_follows_contents_and_vocab(tmp_path, vocab):
+    f = tmp_path / "t.txt"
+    f.write_text("one line of text\n")
+    key = cache_key(vocab, [f], "packed", 32, 64, True)
+    assert key == cache_key(vocab, [f], "packed", 32, 64, True)
+    assert key != cache_key(vocab + ["extra"], [f], "packed", 32, 64, True)
+    assert key != cache_key(vocab, [f], "reference", 32, 64, True)
+    f.write_text("one line of other text\n")
+    assert key != cache_key(vocab, [f], "packed", 32, 64, True)
+
+
+def test_optimizer_recipe():
+    cfg = TrainConfig(optimizer="adamw", learning_rate=2e-3, lr_schedule="cosine", warmup_steps=10,
+                      min_lr_ratio=0.1, clip_norm=1.0, weight_decay=0.01)  # fmt: skip
+    opt = make_optimizer(cfg, total_steps=110)
+    assert isinstance(opt, keras.optimizers.AdamW)
+    assert opt.global_clipnorm == 1.0 and opt.weight_decay == 0.01
+    schedule = keras.optimizers.schedules.deserialize(opt.get_config()["learning_rate"])
+    assert float(schedule(0)) == pytest.approx(0.0, abs=1e-9)
+    assert float(schedule(5)) == pytest.approx(1e-3, rel=1e-5)  # linear warmup
+    assert float(schedule(10)) == pytest.approx(2e-3, rel=1e-5)
+    assert float(schedule(60)) == pytest.approx(2e-4 + 0.5 * 1.8e-3, rel=1e-4)  # half way down the cosine
+    assert float(schedule(110)) == pytest.approx(2e-4, rel=1e-4)
+    plain = make_optimizer(TrainConfig(), total_steps=100)
+    assert isinstance(plain, keras.optimizers.Adam) and not isinstance(plain, keras.optimizers.AdamW)
+    assert float(plain.learning_rate) == pytest.approx(1e-3)
+
+
+def _tiny_cfg(tmp_path, *extra):
+    sets = [f"data.train={CORPUS / 'train.txt'}", f"data.valid={CORPUS / 'valid.txt'}", *TINY,
+            "train.sample_each_epoch=false", *extra]  # fmt: skip
+    return load_config(None, sets)
+
+
+def _weights(run: Path):
+    model = keras.saving.load_model(run / "model.keras", compile=False)
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def _fresh_run(tmp_path, name, cfg):
+    run = RunDir(tmp_path / name).create()
+    build_vocabulary(cfg, run)
+    return run
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_gives_the_same_weights(tmp_path, packing):
+    extra = [f"data.packing={str(packing).lower()}", "train.steps_per_epoch=4"]
+    cfg2 = _tiny_cfg(tmp_path, "train.epochs=2", *extra)
+    one_go = _fresh_run(tmp_path, "one_go", cfg2)
+    train(cfg2, one_go)
+    split = _fresh_run(tmp_path, "split", cfg2)
+    train(_tiny_cfg(tmp_path, "train.epochs=1", *extra), split)
+    history = train(cfg2, split, resume=True)
+    assert [r["epoch"] for r in history] == [1, 2]
+    for a, b in zip(_weights(one_go.root), _weights(split.root), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _SignalAt(keras.callbacks.Callback):
+    def __init__(self, step: int):
+        super().__init__()
+        self.step, self.seen = step, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resume_matches(tmp_path):
+    extra = ["data.packing=true", "train.steps_per_epoch=4", "train.epochs=3", "train.checkpoint_every=3"]
+    cfg = _tiny_cfg(tmp_path, *extra)
+    one_go = _fresh_run(tmp_path, "one_go", cfg)
+    train(cfg, one_go)
+    stopped = _fresh_run(tmp_path, "stopped", cfg)
+    with pytest.raises(Interrupted, match="Resume with: minigpt train --resume"):
+        train(cfg, stopped, callbacks=[_SignalAt(6)])
+    position = json.loads((stopped.root / "checkpoints" / "latest.json").read_text())
+    assert (position["epoch"], position["step"]) == (1, 3)  # stopped at the step after the signal
+    train(cfg, stopped, resume=True)
+    for a, b in zip(_weights(one_go.root), _weights(stopped.root), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    steps = (stopped.root / "steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + 12
+
+
+def test_cli_ctrl_c_then_kill_then_resume(tmp_path):
+    run = tmp_path / "run"
+    sets = tiny_sets("train.epochs=40", "train.steps_per_epoch=3", "train.sample_each_epoch=false")
+    assert minigpt("vocab", "--run-dir", run, *sets).returncode == 0
+    pointer = run / "checkpoints" / "latest.json"
+
+    def start():
+        return subprocess.Popen(
+            [sys.executable, "-m", "minigpt_cli", "train", "--run-dir", str(run), *sets],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def wait_for_checkpoint(proc, after: float):
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if pointer.exists() and pointer.stat().st_mtime > after:
+                return
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        raise AssertionError("no checkpoint in 120 s")
+
+    proc = start()
+    wait_for_checkpoint(proc, 0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Resume with: minigpt train --resume" in err and "Traceback" not in err
+    stopped_at = json.loads(pointer.read_text())
+
+    resumed = subprocess.Popen(
+        [sys.executable, "-m", "minigpt_cli", "train", "--resume", "--run-dir", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for_checkpoint(resumed, pointer.stat().st_mtime)
+    resumed.kill()  # SIGKILL: no chance to clean up
+    resumed.communicate(timeout=60)
+    position = json.loads(pointer.read_text())
+    assert position["global_step"] > stopped_at["global_step"]
+    keras.saving.load_model(run / "checkpoints" / position["file"], compile=False)  # whole, whenever the kill came
+    keras.saving.load_model(run / "model.keras", compile=False)
+    assert load_vocabulary(run / "vocab.txt")
+
+    final = minigpt("train", "--resume", "--run-dir", run, timeout=600)
+    assert final.returncode == 0, final.stderr
+    history = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == list(range(1, 41))
+    assert len((run / "steps.csv").read_text().splitlines()) == 1 + 40 * 3
+
+
+def test_second_run_reads_the_token_cache(tmp_path):
+    run = tmp_path / "run"
+    sets = tiny_sets("data.packing=true", "train.sample_each_epoch=false")
+    assert minigpt("vocab", "--run-dir", run, *sets).returncode == 0
+    first = minigpt("train", "--run-dir", run, *sets)
+    assert first.returncode == 0, first.stderr
+    assert "packed windows," in first.stderr and "(from the cache)" not in first.stderr
+    second = minigpt("train", "--run-dir", run, *sets)
+    assert "(from the cache)" in second.stderr
+    assert len(list((run / "cache").glob("windows-packed-*.npy"))) == 2  # train and valid
+    png = (run / "training_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_resume_without_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert minigpt("vocab", "--run-dir", run, *tiny_sets()).returncode == 0
+    result = minigpt("train", "--resume", "--run-dir", run)
+    assert result.returncode == 2 and "nothing to resume" in result.stderr
+
+
+def test_evaluate(trained_run):
+    valid = CORPUS / "valid.txt"
+    result = minigpt("evaluate", "--run-dir", trained_run, "--data", valid, "--json")
+    assert result.returncode == 0, result.stderr
+    ref = json.loads(result.stdout)
+    assert ref["windows"] == "reference"
+    assert ref["perplexity"] == pytest.approx(np.exp(ref["loss"]))
+    vocab = load_vocabulary(trained_run / "vocab.txt")
+    windows = cut_windows([valid], make_tokenizer(vocab), "reference", 32, 64)
+    assert ref["tokens"] == int((windows[:, 1:] != 0).sum())
+    assert ref["characters"] == check_text([valid], 64, "x").characters
+    assert 0 < ref["bits_per_character"] < 8
+    packed = json.loads(minigpt("evaluate", "--run-dir", trained_run, "--data", valid, "--json",
+                                "--windows", "packed").stdout)  # fmt: skip
+    assert packed["windows"] == "packed" and packed["tokens"] > ref["tokens"]
+    bad = minigpt("evaluate", "--run-dir", trained_run, "--data", valid, "--windows", "sliding")
+    assert bad.returncode == 2 and "--windows must be reference or packed" in bad.stderr
