@@ -73,6 +73,11 @@ class TrainConfig:
     clip_norm: float = field(default=0.0, metadata=_range(0.0))
     checkpoint_every: int = field(default=0, metadata=_range(0))
     sample_each_epoch: bool = True
+    jit_compile: str = "auto"
+    distribution: str = "auto"
+    devices: list[str] = field(default_factory=list)
+    precision: str = "float32"
+    worker_timeout: float = field(default=120.0, metadata=_range(0.0, lo_open=True))
 
 
 @dataclass
@@ -104,6 +109,9 @@ class Config:
 CHOICES = {
     "train.optimizer": ("adam", "adamw"),
     "train.lr_schedule": ("constant", "cosine"),
+    "train.jit_compile": ("auto", "true", "false"),
+    "train.distribution": ("auto", "none", "mirrored", "multi_worker"),
+    "train.precision": ("float32", "mixed_bfloat16", "mixed_float16"),
     "generate.sampler": SAMPLERS,
     "generate.jit_compile": ("auto", "true", "false"),
 }

@@ -151,12 +151,18 @@ def check_text(files: list[Path], min_string_len: int, what: str) -> TextStats:
     return TextStats(files=len(files), lines=lines, kept_lines=kept, characters=chars)
 
 
+def line_threshold(packing: bool, min_string_len: int) -> int:
+    """Lines of at most this many bytes are dropped: ``min_string_len`` as in the reference, none when packing."""
+    return -1 if packing else min_string_len
+
+
 def raw_text_dataset(files: list[Path], cfg: DataConfig, shuffle: bool, seed: int):
-    """Lines longer than ``min_string_len`` bytes, batched and shuffled by batch, as the reference does."""
+    """Lines longer than the threshold, batched and shuffled by batch, as the reference does."""
     import tensorflow as tf
 
+    threshold = line_threshold(cfg.packing, cfg.min_string_len)
     ds = tf.data.TextLineDataset([str(f) for f in files])
-    ds = ds.filter(lambda x: tf.strings.length(x) > cfg.min_string_len)
+    ds = ds.filter(lambda x: tf.strings.length(x) > threshold)
     ds = ds.batch(cfg.batch_size)
     if shuffle:
         ds = ds.shuffle(buffer_size=cfg.shuffle_buffer, seed=seed)

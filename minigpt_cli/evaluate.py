@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from minigpt_cli.data import check_text, expand_paths
+from minigpt_cli.data import check_text, expand_paths, line_threshold
 from minigpt_cli.errors import MinigptError
 from minigpt_cli.generate import load_model
 from minigpt_cli.runs import RunDir
@@ -41,7 +41,7 @@ def evaluate(run: RunDir, data: str, windows: str, min_string_len: int, lowercas
     model = load_model(run.require_model(), len(vocab))
     tokenizer = make_tokenizer(vocab, lowercase)
     files = expand_paths(data, "--data")
-    stats = check_text(files, min_string_len if windows == "reference" else -1, "--data")
+    stats = check_text(files, line_threshold(windows == "packed", min_string_len), "--data")
     seq_len = model.backbone.sequence_length
     cut = cut_windows(files, tokenizer, windows, seq_len, min_string_len)
     if len(cut) == 0:

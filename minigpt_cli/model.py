@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import keras
 import keras_hub
+import numpy as np
 from keras import ops
 
 from minigpt_cli.vocab import MiniGPTTokenizer
@@ -122,7 +123,10 @@ class MiniGPTCausalLM(keras_hub.models.CausalLM):
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
-        self.lm_head = keras.layers.Dense(backbone.vocabulary_size, dtype=backbone.dtype_policy, name="lm_head")
+        # Under a mixed precision policy the logits stay float32, for a stable loss.
+        mixed = backbone.dtype_policy.name.startswith("mixed")
+        head_dtype = "float32" if mixed else backbone.dtype_policy
+        self.lm_head = keras.layers.Dense(backbone.vocabulary_size, dtype=head_dtype, name="lm_head")
 
         # === Functional Model ===
         inputs = backbone.input
@@ -139,6 +143,38 @@ class MiniGPTCausalLM(keras_hub.models.CausalLM):
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    #: Set when training under ``MultiWorkerMirroredStrategy``; see ``_worker_logs``.
+    multi_worker_logs = False
+
+    def train_step(self, *args, **kwargs):
+        return self._worker_logs(super().train_step(*args, **kwargs))
+
+    def test_step(self, *args, **kwargs):
+        return self._worker_logs(super().test_step(*args, **kwargs))
+
+    def _worker_logs(self, logs):
+        # Keras 3 averages the replicas' logs across workers with reduce(axis=0), which fails on
+        # scalars (tensorflow/tensorflow#72388); with a leading axis of 1 that reduce is the mean.
+        if not self.multi_worker_logs:
+            return logs
+        return {name: ops.expand_dims(value, 0) for name, value in logs.items()}
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Build metrics and optimizer under a strategy from a batch of the right shape.
+
+        Keras pulls a batch from the distributed iterator and reduces it across
+        replicas, which ``MultiWorkerMirroredStrategy`` cannot do for a dict of
+        inputs (and which spends a training batch); any batch of the right
+        structure builds the same variables.
+        """
+        if iterator is None or self._distribute_strategy is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        length = self.backbone.sequence_length
+        ids = np.zeros((1, length), dtype="int32")
+        batch = ({"token_ids": ids, "padding_mask": np.ones_like(ids)}, ids, np.ones((1, length), dtype="float32"))
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=batch)
 
     def call_with_cache(self, token_ids, cache, cache_update_index, key_mask=None):
         """One forward pass over ``token_ids`` placed at ``cache_update_index``.

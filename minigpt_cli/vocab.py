@@ -90,12 +90,13 @@ class VocabReport:
 
 def build_vocabulary(cfg, run) -> VocabReport:
     """Learn ``vocab.txt`` for the run from the training text, as the reference does."""
-    from minigpt_cli.data import check_text, raw_text_dataset, text_files
+    from minigpt_cli.data import check_text, line_threshold, raw_text_dataset, text_files
 
     train_files = text_files(cfg.data, "train")
     valid_files = text_files(cfg.data, "valid")
-    stats = check_text(train_files, cfg.data.min_string_len, "data.train")
-    check_text(valid_files, cfg.data.min_string_len, "data.valid")
+    threshold = line_threshold(cfg.data.packing, cfg.data.min_string_len)
+    stats = check_text(train_files, threshold, "data.train")
+    check_text(valid_files, threshold, "data.valid")
     t0 = time.perf_counter()
     raw_train = raw_text_dataset(train_files, cfg.data, shuffle=False, seed=cfg.seed)
     vocab = learn_vocabulary(raw_train, cfg.vocab.size, cfg.vocab.lowercase, cfg.vocab.reserved_tokens)

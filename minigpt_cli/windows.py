@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,7 @@ class Batches:
     batch_size: int
     seed: int = 0
     shuffle: bool = True
+    _memo: tuple[int, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     @property
     def per_pass(self) -> int:
@@ -126,15 +127,16 @@ class Batches:
     def _order(self, data_pass: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.windows))
-        return np.random.default_rng([self.seed, data_pass]).permutation(len(self.windows))
+        if self._memo is None or self._memo[0] != data_pass:
+            self._memo = (data_pass, np.random.default_rng([self.seed, data_pass]).permutation(len(self.windows)))
+        return self._memo[1]
 
     def batch(self, step: int) -> tuple[dict, np.ndarray, np.ndarray]:
         """Batch number ``step`` of the endless stream of passes over the windows."""
         data_pass, i = divmod(step, self.per_pass)
-        idx = self._order(data_pass)[i * self.batch_size : (i + 1) * self.batch_size]
-        w = self.windows[np.sort(idx) if not self.shuffle else idx]
+        w = self.windows[self._order(data_pass)[i * self.batch_size : (i + 1) * self.batch_size]]
         x, y = w[:, :-1], w[:, 1:]
-        return {"token_ids": x, "padding_mask": x != 0}, y, (y != 0).astype("float32")
+        return {"token_ids": x, "padding_mask": (x != 0).astype("int32")}, y, (y != 0).astype("float32")
 
     def iterate(self, start: int, stop: int | None) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
         step = start
@@ -150,7 +152,7 @@ class Batches:
         spec = (
             {
                 "token_ids": tf.TensorSpec([None, length], tf.int32),
-                "padding_mask": tf.TensorSpec([None, length], tf.bool),
+                "padding_mask": tf.TensorSpec([None, length], tf.int32),
             },
             tf.TensorSpec([None, length], tf.int32),
             tf.TensorSpec([None, length], tf.float32),

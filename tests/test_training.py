@@ -244,3 +244,19 @@ def test_evaluate(trained_run):
     assert packed["windows"] == "packed" and packed["tokens"] > ref["tokens"]
     bad = minigpt("evaluate", "--run-dir", trained_run, "--data", valid, "--windows", "sliding")
     assert bad.returncode == 2 and "--windows must be reference or packed" in bad.stderr
+
+
+def test_packing_takes_short_lines(tmp_path):
+    """With packing every line counts: text of short lines trains without lowering min_string_len."""
+    short = tmp_path / "short.txt"
+    sentences = " ".join(CORPUS.joinpath("train.txt").read_text(encoding="utf-8").split()[:3000]).split(". ")
+    short.write_text(".\n".join(sentences) + "\n", encoding="utf-8")
+    assert max(len(line.encode()) for line in short.read_text().splitlines()) < 200
+    sets = tiny_sets("data.packing=true", "data.min_string_len=512", "train.sample_each_epoch=false",
+                     train=short, valid=short)  # fmt: skip
+    run = tmp_path / "run"
+    assert minigpt("vocab", "--run-dir", run, *sets).returncode == 0
+    result = minigpt("train", "--run-dir", run, *sets)
+    assert result.returncode == 0, result.stderr
+    refused = minigpt("vocab", "--run-dir", tmp_path / "ref", *tiny_sets("data.min_string_len=512", train=short))
+    assert refused.returncode == 2 and "min_string_len" in refused.stderr
