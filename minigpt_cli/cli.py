@@ -223,10 +223,10 @@ def generate(
     model = load_model(run.model, len(vocab_list))
     generator = Generator(model, make_tokenizer(vocab_list, cfg.vocab.lowercase), jit_compile=g.jit_compile)
     batch = [p_ for p_ in prompts for _ in range(num_samples)]
-    _, fitted = generator.fit_lengths(prompts, max_tokens)
+    results = [generator.run(batch, s, max_tokens) for s in specs]
+    fitted = len(results[0][0].token_ids)
     if fitted < max_tokens:
         err.print(f"note: only {fitted} new tokens fit in the model's {generator.seq_len}-token window")
-    results = [generator.run(batch, s, max_tokens) for s in specs]
 
     if as_json:
         for samples in results:

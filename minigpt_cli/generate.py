@@ -152,7 +152,8 @@ class Generator:
         """One batched generation call for ``prompts`` (one sample each)."""
         spec.check()
         encoded, new_tokens = self.fit_lengths(prompts, max_tokens)
-        length = max(len(e) for e in encoded) + new_tokens
+        longest = max(len(e) for e in encoded)
+        length = longest + new_tokens
         token_ids = np.zeros((len(encoded), length), dtype="int32")
         prompt_mask = np.zeros((len(encoded), length), dtype=bool)
         for row, ids in enumerate(encoded):
@@ -167,7 +168,7 @@ class Generator:
         if xla:
             fn(inputs)  # XLA compiles for these exact shapes
         else:
-            short = {k: v[:, : min(length, max(len(e) for e in encoded) + 1)] for k, v in inputs.items()}
+            short = {k: v[:, : longest + 1] for k, v in inputs.items()}
             fn(short)  # trace once; the graph serves every length
         compile_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()

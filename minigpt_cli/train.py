@@ -136,11 +136,6 @@ def read_steps(run: RunDir, upto: int) -> list[tuple[int, float]]:
     return [(int(r["global_step"]), float(r["loss"])) for r in rows if int(r["global_step"]) <= upto]
 
 
-def save_model(model: keras.Model, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        model.save(tmp)
-
-
 class StopFlag:
     """Set by SIGINT/SIGTERM while fitting; the monitor checkpoints and stops at the next step."""
 
@@ -224,9 +219,10 @@ class Monitor(keras.callbacks.Callback):
         elif every and global_step % every == 0 and step < self.steps_per_epoch:
             self.checkpoint(self.position(self.epoch, step))
 
-    def checkpoint(self, position: checkpoints.Position) -> None:
-        checkpoints.save(self.run.root, self.model, position)
+    def checkpoint(self, position: checkpoints.Position) -> Path:
+        path = checkpoints.save(self.run.root, self.model, position)
         write_steps(self.run, self.steps)
+        return path
 
     def on_epoch_end(self, epoch, logs=None):
         self.progress.remove_task(self.task)
@@ -249,9 +245,11 @@ class Monitor(keras.callbacks.Callback):
         }
         self.history.append(row)
         self.step_offset = 0
-        save_model(self.model, self.run.model)
         write_history(self.run, self.history)
-        self.checkpoint(self.position(epoch + 1, 0))
+        # The epoch-end checkpoint is the model as model.keras holds it: copy it rather than serialize twice.
+        saved = self.checkpoint(self.position(epoch + 1, 0))
+        with atomic_path(self.run.model) as tmp:
+            shutil.copyfile(saved, tmp)
         draw_training_curve(self.steps, self.history, self.run.curve)
         self.console.print(
             f"epoch {row['epoch']}/{self.cfg.train.epochs}: loss {row['loss']:.4f}  "
