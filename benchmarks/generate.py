@@ -51,8 +51,7 @@ def load(run_dir: Path | None, seed: int):
     import keras
 
     from minigpt_cli.config import ModelConfig
-    from minigpt_cli.generate import load_model
-    from minigpt_cli.model import build_model
+    from minigpt_cli.model import build_model, load_model
     from minigpt_cli.vocab import load_vocabulary, make_tokenizer
 
     if run_dir is None:
@@ -79,6 +78,11 @@ def reference_loop(model, spec, new_tokens: int) -> tuple[float, list[int]]:
     return seconds, np.asarray(out)[0, 1:].tolist()
 
 
+def best_reference(model, spec, new_tokens: int, repeat: int) -> tuple[float, list[int]]:
+    """The fastest of ``repeat`` runs of the reference loop, as ours is timed: seconds and the new token ids."""
+    return min((reference_loop(model, spec, new_tokens) for _ in range(repeat)), key=lambda r: r[0])
+
+
 def speed(args) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -91,7 +95,7 @@ def speed(args) -> None:
     console.print(f"machine: {machine()}")
     console.print(
         f"model: {model.count_params():,} parameters ({source}); {args.tokens} new tokens from [BOS]; "
-        f"best of {args.repeat} runs for ours, 1 for the reference"
+        f"best of {args.repeat} runs for each"
     )
     table = Table()
     for col in (
@@ -107,7 +111,7 @@ def speed(args) -> None:
         table.add_column(col, justify="right")
     for name in args.samplers:
         spec = SamplerSpec(name, k=10, p=0.5, num_beams=10, seed=args.seed, top_p_candidates=args.top_p_candidates)
-        ref_seconds, ref_ids = reference_loop(model, spec, args.tokens)
+        ref_seconds, ref_ids = best_reference(model, spec, args.tokens, args.repeat)
         ref_tps = args.tokens / ref_seconds
         results = {}
         for mode in ("true", "false"):
@@ -186,7 +190,9 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=None, help="a trained run (default: random weights)")
     parser.add_argument("--tokens", type=int, default=127, help="new tokens from [BOS] (default 127)")
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
-    parser.add_argument("--repeat", type=int, default=3, help="runs of ours per mode; the fastest counts")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of the reference and of ours per mode; the fastest counts"
+    )
     parser.add_argument("--top-p-candidates", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cli", action="store_true", help="also time whole generate commands")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from minigpt_cli.config import SAMPLERS, Config, all_keys, dumps, load_config
+from minigpt_cli.config import SAMPLERS, Config, Windows, all_keys, dumps, load_config
 from minigpt_cli.errors import MinigptError
 from minigpt_cli.runs import RunDir, write_text
 
@@ -59,13 +60,48 @@ def _load_tensorflow() -> None:
         import keras_hub  # noqa: F401
 
 
-def _setup(config: Path | None, run_dir: Path | None, overrides: list[str] | None) -> tuple[Config, RunDir]:
-    """Resolve the run directory and the config (the run's own config when none is given)."""
+def _trained_runs(root: Path = Path("runs")) -> list[Path]:
+    return sorted(p.parent for p in root.glob("*/model.keras")) if root.is_dir() else []
+
+
+def _setup(
+    config: Path | None, run_dir: Path | None, overrides: list[str] | None, find_trained: bool = False
+) -> tuple[Config, RunDir]:
+    """Resolve the run directory and the config (the run's own config when none is given).
+
+    ``-c runs/x/config.toml`` (a run's own config) acts on ``runs/x``. With
+    ``find_trained``, a bare command (no ``-c``, no ``-r``) and no
+    ``runs/default`` uses the one trained run under ``runs/``, and says so.
+    """
+    own_config = config is not None and config.name == "config.toml" and (config.parent / "vocab.txt").is_file()
+    if run_dir is None and own_config:
+        run_dir = config.parent
+    if run_dir is None and config is None and find_trained and not Path("runs/default").exists():
+        found = _trained_runs()
+        if len(found) == 1:
+            run_dir = found[0]
+            err.print(f"note: using the trained run {run_dir} (the only one under runs/)")
+        elif found:
+            raise MinigptError(
+                f"{len(found)} trained runs under runs/ ({', '.join(p.name for p in found)}); choose one with -r"
+            )
     root = run_dir or Path("runs") / (config.stem if config else "default")
     run = RunDir(root)
     if config is None and run.config.is_file():
         config = run.config
     return load_config(config, overrides or []), run
+
+
+def _command(name: str, config: Path | None, run_dir: Path | None, overrides: list[str] | None) -> str:
+    """The command line of ``minigpt NAME`` with these options, quoted for a shell."""
+    args = ["minigpt", name]
+    if config is not None:
+        args += ["-c", str(config)]
+    if run_dir is not None:
+        args += ["-r", str(run_dir)]
+    for o in overrides or []:
+        args += ["--set", o]
+    return shlex.join(args)
 
 
 def _save_config(cfg: Config, run: RunDir) -> None:
@@ -77,12 +113,15 @@ def _save_config(cfg: Config, run: RunDir) -> None:
 def vocab(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
     """Learn the WordPiece vocabulary from the training text; writes vocab.txt."""
     cfg, run = _setup(config, run_dir, set_)
-    _save_config(cfg, run)
-    _load_tensorflow()
-    from minigpt_cli.vocab import build_vocabulary
+    from minigpt_cli.runs import run_lock
 
-    with err.status("learning the vocabulary..."):
-        report = build_vocabulary(cfg, run)
+    with run_lock(run.root, "vocab"):  # before anything is written: one command at a time on a run
+        _load_tensorflow()
+        from minigpt_cli.vocab import build_vocabulary
+
+        with err.status("learning the vocabulary..."):
+            report = build_vocabulary(cfg, run)
+        _save_config(cfg, run)  # only once the vocabulary it describes is written
     note = "" if report.size == report.requested else f" ({report.requested} asked; the text gives no more)"
     out.print(
         f"vocabulary: {report.size:,} tokens{note} from {report.train_lines:,} lines in {report.seconds:.1f}s; "
@@ -99,12 +138,25 @@ def train(
 ) -> None:
     """Train the mini-GPT on the run's vocabulary; writes model.keras, history, samples and checkpoints."""
     cfg, run = _setup(config, run_dir, set_)
-    run.require_vocab()
-    _save_config(cfg, run)
-    _load_tensorflow()
-    from minigpt_cli.train import train as train_model
+    if not run.vocab.is_file():
+        raise MinigptError(
+            f"no vocabulary in {run.root}: learn it first with: {_command('vocab', config, run_dir, set_)}"
+        )
+    if cfg.train.distribution == "multi_worker":
+        from minigpt_cli import distribute
 
-    history = train_model(cfg, run, err, resume=resume)
+        if distribute.REPORT_FD not in os.environ:
+            # Joining the cluster blocks TensorFlow uninterruptibly: train in a child that this process watches.
+            args = shlex.split(_command("train", config, run_dir, set_))[1:] + (["--resume"] if resume else [])
+            raise SystemExit(distribute.supervise(cfg.train.worker_timeout, args))
+    from minigpt_cli.runs import run_lock
+
+    # Before anything is written: one command at a time on a run (workers of one job share the chief's).
+    with run_lock(run.root, "train", multi_worker=cfg.train.distribution == "multi_worker"):
+        _load_tensorflow()
+        from minigpt_cli.train import train as train_model  # writes config.toml once its checks pass
+
+        history = train_model(cfg, run, err, resume=resume)
     last = history[-1]
     out.print(
         f"trained {len(history)} epochs: val_perplexity {last['val_perplexity']:.2f} -> {run.model} "
@@ -119,27 +171,26 @@ def evaluate(
     run_dir: RunDirOpt = None,
     set_: SetOpt = None,
     windows: Annotated[
-        str | None, typer.Option(help="reference|packed (default: the way the run was trained).")
+        Windows | None, typer.Option(help="How to cut the text (default: data.windows, the way the run was trained).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Loss, perplexity and bits per character of the run's model on any text."""
-    cfg, run = _setup(config, run_dir, set_)
-    mode = windows or ("packed" if cfg.data.packing else "reference")
-    if mode not in ("reference", "packed"):
-        raise MinigptError(f"--windows must be reference or packed, got {mode!r}")
+    cfg, run = _setup(config, run_dir, set_, find_trained=True)
+    windows = windows or cfg.data.windows
     run.require_vocab()
     run.require_model()
     _load_tensorflow()
     from minigpt_cli.evaluate import evaluate as evaluate_run
 
-    result = evaluate_run(run, data, mode, cfg.data.min_string_len, cfg.vocab.lowercase, cfg.data.batch_size)
+    result = evaluate_run(run, data, windows, cfg.data.min_string_len, cfg.vocab, cfg.data.batch_size)
     if as_json:
         print(json.dumps(result.__dict__))
         return
     out.print(
-        f"{mode} windows: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
-        f"bits/char {result.bits_per_character:.4f}  ({result.tokens:,} tokens scored, {result.files} files)"
+        f"{windows} windows: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
+        f"bits/char {result.bits_per_character:.4f}  ({result.tokens:,} tokens scored, "
+        f"{result.characters:,} characters, {result.files} files)"
     )
 
 
@@ -154,6 +205,8 @@ def _read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
         raise MinigptError(f"prompt file not found: {prompt_file}") from None
     except UnicodeDecodeError:
         raise MinigptError(f"prompt file {prompt_file} is not UTF-8 text") from None
+    except OSError as e:
+        raise MinigptError(f"cannot read prompt file {prompt_file}: {e.strerror or e}") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise MinigptError(f"no prompt in {'standard input' if prompt_file == '-' else prompt_file}")
@@ -181,13 +234,15 @@ def generate(
     p: Annotated[float | None, typer.Option(help="Top-p: sample from the tokens holding p of the probability.")] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search: beams kept.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Softmax temperature.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed: same seed, same text.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed in [0, 2**32): same seed, same text (default: a fresh one).")
+    ] = None,
     num_samples: Annotated[int, typer.Option(help="Samples per prompt, made in one batched call.")] = 1,
     show_prompt: Annotated[bool, typer.Option(help="Print the prompt before the new text.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample.")] = False,
 ) -> None:
     """Generate text from the run's trained model."""
-    cfg, run = _setup(config, run_dir, set_)
+    cfg, run = _setup(config, run_dir, set_, find_trained=True)
     g = cfg.generate
     name = sampler or g.sampler
     if name != "all" and name not in SAMPLERS:
@@ -201,27 +256,20 @@ def generate(
     run.require_vocab()
     run.require_model()
 
-    from minigpt_cli.samplers import SamplerSpec
+    from minigpt_cli.samplers import sampler_spec
 
-    def spec(sampler_name: str) -> SamplerSpec:
-        return SamplerSpec(
-            sampler_name,
-            k=g.k if k is None else k,
-            p=g.p if p is None else p,
-            num_beams=g.num_beams if num_beams is None else num_beams,
-            temperature=g.temperature if temperature is None else temperature,
-            seed=seed,
-            top_p_candidates=g.top_p_candidates,
-        ).check()
-
-    specs = [spec(s) for s in (SAMPLERS if name == "all" else (name,))]
+    specs = [
+        sampler_spec(g, s, k=k, p=p, num_beams=num_beams, temperature=temperature, seed=seed)
+        for s in (SAMPLERS if name == "all" else (name,))
+    ]
     _load_tensorflow()
-    from minigpt_cli.generate import Generator, load_model
-    from minigpt_cli.vocab import load_vocabulary, make_tokenizer
+    from minigpt_cli.generate import Generator
+    from minigpt_cli.model import load_model
+    from minigpt_cli.vocab import read_vocabulary
 
-    vocab_list = load_vocabulary(run.vocab)
-    model = load_model(run.model, len(vocab_list))
-    generator = Generator(model, make_tokenizer(vocab_list, cfg.vocab.lowercase), jit_compile=g.jit_compile)
+    vocabulary = read_vocabulary(run.vocab, cfg.vocab)
+    model = load_model(run.model, len(vocabulary))
+    generator = Generator(model, vocabulary.tokenizer(), jit_compile=g.jit_compile)
     batch = [p_ for p_ in prompts for _ in range(num_samples)]
     results = [generator.run(batch, s, max_tokens) for s in specs]
     fitted = len(results[0][0].token_ids)
@@ -231,9 +279,7 @@ def generate(
     if as_json:
         for samples in results:
             for s in samples:
-                d = s.to_dict()
-                d.pop("raw_text")
-                print(json.dumps(d))
+                print(json.dumps(s.to_dict()))
         return
     if name == "all":
         table = Table(title=f"prompt: {prompts[0]!r}" if prompts[0] else "prompt: [BOS]", show_lines=True)

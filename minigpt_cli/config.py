@@ -17,12 +17,18 @@ import tomllib
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from minigpt_cli.errors import MinigptError
 
 SIMPLEBOOKS_URL = "https://dldata-public.s3.us-east-2.amazonaws.com/simplebooks.zip"
-SAMPLERS = ("greedy", "beam", "random", "topk", "topp")
+
+Sampler = Literal["greedy", "beam", "random", "topk", "topp"]
+#: How text is cut into training windows (see ``minigpt_cli.windows``).
+Windows = Literal["reference", "packed"]
+Switch = Literal["auto", "true", "false"]
+SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
+WINDOWS: tuple[str, ...] = typing.get_args(Windows)
 
 
 def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
@@ -36,10 +42,9 @@ class DataConfig:
     train: str = ""
     valid: str = ""
     cache_dir: str = ""
-    packing: bool = False
+    windows: Windows = "reference"
     min_string_len: int = field(default=512, metadata=_range(0))
     batch_size: int = field(default=64, metadata=_range(1))
-    shuffle_buffer: int = field(default=256, metadata=_range(1))
 
 
 @dataclass
@@ -65,31 +70,31 @@ class TrainConfig:
     steps_per_epoch: int | None = field(default=None, metadata=_range(1))
     validation_steps: int | None = field(default=None, metadata=_range(1))
     learning_rate: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
-    optimizer: str = "adam"
-    weight_decay: float = field(default=0.01, metadata=_range(0.0))
-    lr_schedule: str = "constant"
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float | None = field(default=None, metadata=_range(0.0))
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = field(default=0, metadata=_range(0))
     min_lr_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0))
     clip_norm: float = field(default=0.0, metadata=_range(0.0))
     checkpoint_every: int = field(default=0, metadata=_range(0))
     sample_each_epoch: bool = True
-    jit_compile: str = "auto"
-    distribution: str = "auto"
+    jit_compile: Switch = "auto"
+    distribution: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
     devices: list[str] = field(default_factory=list)
-    precision: str = "float32"
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
     worker_timeout: float = field(default=120.0, metadata=_range(0.0, lo_open=True))
 
 
 @dataclass
 class GenerateConfig:
-    sampler: str = "topk"
+    sampler: Sampler = "topk"
     max_tokens: int = field(default=80, metadata=_range(1))
     k: int = field(default=10, metadata=_range(1))
     p: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     num_beams: int = field(default=10, metadata=_range(1))
     temperature: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     top_p_candidates: int = field(default=128, metadata=_range(1))
-    jit_compile: str = "auto"
+    jit_compile: Switch = "auto"
 
 
 @dataclass
@@ -106,15 +111,8 @@ class Config:
         return _drop_none(asdict(self))
 
 
-CHOICES = {
-    "train.optimizer": ("adam", "adamw"),
-    "train.lr_schedule": ("constant", "cosine"),
-    "train.jit_compile": ("auto", "true", "false"),
-    "train.distribution": ("auto", "none", "mirrored", "multi_worker"),
-    "train.precision": ("float32", "mixed_bfloat16", "mixed_float16"),
-    "generate.sampler": SAMPLERS,
-    "generate.jit_compile": ("auto", "true", "false"),
-}
+#: AdamW's weight decay when the config names none.
+DEFAULT_WEIGHT_DECAY = 0.01
 
 
 def _drop_none(d: dict) -> dict:
@@ -137,7 +135,16 @@ def all_keys() -> list[str]:
     return keys
 
 
+#: Keys that no longer exist, and what to do instead.
+RETIRED = {
+    "data.packing": 'it is now data.windows: "packed" (packing = true) or "reference" (packing = false)',
+    "data.shuffle_buffer": "it had no effect and was removed: batches are shuffled by (seed, epoch, step); delete it",
+}
+
+
 def _unknown(key: str) -> MinigptError:
+    if key in RETIRED:
+        return MinigptError(f"config key '{key}' is retired: {RETIRED[key]}")
     near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
     return MinigptError(f"unknown config key '{key}'{hint}; run 'minigpt config --keys' for the list")
@@ -145,11 +152,16 @@ def _unknown(key: str) -> MinigptError:
 
 def _check_value(key: str, hint: Any, meta: Any, value: Any) -> Any:
     """Return ``value`` converted to the key's type, or raise a one-line error."""
-    if key in CHOICES and isinstance(value, bool):
-        value = str(value).lower()  # generate.jit_compile = true
     optional = type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
     origin = typing.get_origin(base)
+    if origin is Literal:
+        choices = typing.get_args(base)
+        if isinstance(value, bool):
+            value = str(value).lower()  # generate.jit_compile = true
+        if value not in choices:
+            raise MinigptError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+        return value
     ok = True
     if base is bool:
         ok = isinstance(value, bool)
@@ -176,8 +188,6 @@ def _check_value(key: str, hint: Any, meta: Any, value: Any) -> Any:
             hi_s = "inf" if hi is None else hi
             bracket = "(" if meta.get("lo_open") else "["
             raise MinigptError(f"config key '{key}' = {value} is out of range {bracket}{lo_s}, {hi_s}]")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise MinigptError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got {value!r}")
     return value
 
 
@@ -194,6 +204,18 @@ def _assign(cfg: Config, key: str, value: Any) -> None:
         raise _unknown(key)
     hint = typing.get_type_hints(type(target))[name]
     setattr(target, name, _check_value(key, hint, fmap[name].metadata, value))
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A config file written before a key was retired, in today's keys (runs' own config.toml files)."""
+    section = data.get("data")
+    if isinstance(section, dict) and ("packing" in section or "shuffle_buffer" in section):
+        section = dict(section)
+        section.pop("shuffle_buffer", None)
+        if "packing" in section:
+            section.setdefault("windows", "packed" if section.pop("packing") is True else "reference")
+        data = {**data, "data": section}
+    return data
 
 
 def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -231,6 +253,17 @@ def _validate(cfg: Config) -> None:
         raise MinigptError("config key 'vocab.size' must be larger than the number of reserved tokens")
     if cfg.model.embed_dim < cfg.model.num_heads:
         raise MinigptError("config key 'model.embed_dim' must be at least model.num_heads")
+    t = cfg.train
+    if t.weight_decay is not None and t.optimizer != "adamw":
+        raise MinigptError(
+            f"config key 'train.weight_decay' only applies to train.optimizer = \"adamw\" (got {t.optimizer!r}); "
+            "set train.optimizer=adamw or leave train.weight_decay out"
+        )
+    if t.devices and t.distribution != "mirrored":
+        raise MinigptError(
+            f"config key 'train.devices' only applies to train.distribution = \"mirrored\" (got {t.distribution!r}); "
+            "set train.distribution=mirrored or leave train.devices out"
+        )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -245,7 +278,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise MinigptError(f"config file {path} is not valid TOML: {e}") from None
-        items += _flatten(data)
+        items += _flatten(_migrate(data))
     items += [parse_override(o) for o in overrides]
     for key, value in items:
         _assign(cfg, key, value)

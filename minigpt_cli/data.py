@@ -38,6 +38,15 @@ def _find_subset(root: Path, subset: str) -> Path | None:
     return hits[0] if hits else None
 
 
+def _unsafe_member(names: list[str], folder: Path) -> str | None:
+    """The first archive member that would land outside ``folder`` (``../x``, ``/abs/x``), or None."""
+    base = folder.resolve()
+    for name in names:
+        if name.startswith(("/", "\\")) or not (base / name).resolve().is_relative_to(base):
+            return name
+    return None
+
+
 def download_corpus(cfg: DataConfig, quiet: bool = False) -> Path:
     """Download and extract the archive at ``cfg.url`` once; return the subset folder.
 
@@ -66,10 +75,13 @@ def download_corpus(cfg: DataConfig, quiet: bool = False) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
         try:
             with zipfile.ZipFile(archive) as zf:
-                for member in zf.namelist():
-                    target = (tmp / member).resolve()
-                    if not target.is_relative_to(tmp.resolve()):
-                        raise MinigptError(f"archive {archive} has an unsafe path {member!r}; delete it and retry")
+                unsafe = _unsafe_member(zf.namelist(), tmp)
+                if unsafe is not None:
+                    archive.unlink()
+                    raise MinigptError(
+                        f"the archive from {cfg.url} has a member outside its folder ({unsafe!r}); nothing was "
+                        f"extracted and the download was deleted. Check data.url. {OFFLINE_HINT}"
+                    )
                 zf.extractall(tmp)
         except zipfile.BadZipFile:
             archive.unlink()
@@ -151,19 +163,16 @@ def check_text(files: list[Path], min_string_len: int, what: str) -> TextStats:
     return TextStats(files=len(files), lines=lines, kept_lines=kept, characters=chars)
 
 
-def line_threshold(packing: bool, min_string_len: int) -> int:
-    """Lines of at most this many bytes are dropped: ``min_string_len`` as in the reference, none when packing."""
-    return -1 if packing else min_string_len
+def line_threshold(windows: str, min_string_len: int) -> int:
+    """Lines of at most this many bytes are dropped: ``min_string_len`` for reference windows, none when packed."""
+    return -1 if windows == "packed" else min_string_len
 
 
-def raw_text_dataset(files: list[Path], cfg: DataConfig, shuffle: bool, seed: int):
-    """Lines longer than the threshold, batched and shuffled by batch, as the reference does."""
+def raw_text_dataset(files: list[Path], cfg: DataConfig):
+    """Lines longer than the threshold, in batches: what the vocabulary is learned from."""
     import tensorflow as tf
 
-    threshold = line_threshold(cfg.packing, cfg.min_string_len)
+    threshold = line_threshold(cfg.windows, cfg.min_string_len)
     ds = tf.data.TextLineDataset([str(f) for f in files])
     ds = ds.filter(lambda x: tf.strings.length(x) > threshold)
-    ds = ds.batch(cfg.batch_size)
-    if shuffle:
-        ds = ds.shuffle(buffer_size=cfg.shuffle_buffer, seed=seed)
-    return ds
+    return ds.batch(cfg.batch_size)

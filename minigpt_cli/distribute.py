@@ -12,6 +12,14 @@
 - ``auto``: mirrored when more than one GPU is visible, else none.
 
 ``data.batch_size`` stays the global batch; each replica gets its share.
+
+Joining a multi-worker cluster blocks inside TensorFlow's C++ runtime, holding
+the GIL, until every worker answers: no thread or signal handler of the
+process can run then. So ``minigpt train`` under ``multi_worker`` runs the
+training in a child process and supervises it (``supervise``): the child
+reports on a pipe when it starts joining and when the cluster has formed;
+the parent keeps ``train.worker_timeout`` (and on expiry kills the child and
+ends with a one-line error, exit code 2) and forwards SIGINT/SIGTERM to it.
 """
 
 from __future__ import annotations
@@ -19,10 +27,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from minigpt_cli.errors import MinigptError
@@ -39,9 +50,7 @@ class Setup:
     is_chief: bool
 
     def scope(self):
-        import contextlib
-
-        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+        return self.strategy.scope() if self.strategy is not None else nullcontext()
 
 
 def read_tf_config() -> dict:
@@ -108,10 +117,9 @@ os.kill(pid, signal.SIGKILL)
 def deadline(seconds: float, message: str) -> Iterator[None]:
     """End this process with ``message`` if the block has not finished in ``seconds``.
 
-    Joining a cluster blocks inside TensorFlow's C++ runtime, holding the GIL,
-    until every worker answers: no thread or signal handler of ours can run
-    then, and SIGTERM is caught by a handler that cannot run either. So a
-    small watchdog process does the waiting, and ends us with SIGKILL.
+    For a process no ``supervise`` watches (``train()`` called from Python): a
+    small watchdog process does the waiting, and ends us with SIGKILL, as the
+    blocked join lets no handler of ours run.
     """
     watchdog = subprocess.Popen(
         [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message], stdin=subprocess.DEVNULL
@@ -121,6 +129,139 @@ def deadline(seconds: float, message: str) -> Iterator[None]:
     finally:
         watchdog.kill()
         watchdog.wait()
+
+
+#: Set for the child that ``supervise`` starts: the pipe it reports on (``JOINING``, then ``FORMED``).
+REPORT_FD = "MINIGPT_CLUSTER_REPORT_FD"
+JOINING, FORMED = b"J", b"F"
+
+
+class Stopped(MinigptError):
+    """A signal came before the cluster formed: nothing was trained."""
+
+    exit_code = 130
+
+
+def cluster_error(config: dict, seconds: float) -> str:
+    workers = [a for k, v in config["cluster"].items() if k in ("chief", "worker") for a in v]
+    return (
+        f"could not form the cluster of {len(workers)} workers in TF_CONFIG ({', '.join(workers)}) within "
+        f"{seconds:g} s: start the same command on every worker, check the addresses and ports, "
+        "or raise train.worker_timeout"
+    )
+
+
+def _die_with_parent() -> None:  # in the child, before exec: a SIGTERM (a clean stop) if the supervisor dies
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(seconds: float, args: list[str]) -> int:
+    """Run ``minigpt ARGS`` (this ``train`` command) as a child process and watch it; returns its exit code.
+
+    The child reports ``JOINING`` and ``FORMED`` on a pipe. Until the cluster
+    has formed, a signal ends the child (``Stopped``: nothing was trained), and
+    so does ``seconds`` passing after ``JOINING`` (``MinigptError``, exit 2).
+    Once it has formed, SIGINT and SIGTERM are passed on to the child, whose
+    workers then stop together at a step and checkpoint. The child has its own
+    session, so a Ctrl-C in the terminal reaches it once, through us.
+    """
+    config = read_tf_config()
+    got: list[int] = []  # the signals that came, in order; the loops below act on them
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    read, write = os.pipe()
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "minigpt_cli", *args],
+            env={**os.environ, REPORT_FD: str(write)},
+            pass_fds=(write,),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    except BaseException:
+        os.close(read)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        raise
+    finally:
+        os.close(write)
+    try:
+        heard, due = b"", None
+        while FORMED not in heard:
+            if got or (due is not None and time.monotonic() > due):
+                child.kill()
+                child.wait()
+                if got:
+                    raise Stopped(
+                        f"stopped by {signal.Signals(got[0]).name} before the cluster formed; nothing was trained"
+                    )
+                raise MinigptError(cluster_error(config, seconds))
+            if select.select([read], [], [], 0.1)[0]:
+                news = os.read(read, 16)
+                if not news:  # the child ended before the cluster formed (a user error it has reported)
+                    break
+                heard += news
+                if JOINING in news:
+                    due = time.monotonic() + seconds
+        passed = 0
+        while True:
+            for signum in got[passed:]:
+                child.send_signal(signum)
+            passed = len(got)
+            try:
+                code = child.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        os.close(read)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if child.poll() is None:  # an exception of our own: leave no orphan
+            child.kill()
+            child.wait()
+    return code if code >= 0 else 128 - code
+
+
+def _report(fd: int | None, state: bytes) -> None:
+    if fd is not None:
+        try:
+            os.write(fd, state)
+        except OSError:
+            pass  # the supervisor is gone; it will have ended us
+
+
+_held: list[int] = []
+_before_holding: dict[int, object] = {}
+
+
+def _hold(signum, frame) -> None:
+    """Between the cluster forming and training starting: keep the signal for ``StopFlag``."""
+    if _held and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    _held.append(signum)
+
+
+def _hold_signals() -> None:
+    _held.clear()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.signal(s, _hold)
+        _before_holding.setdefault(s, handler)
+
+
+def take_held() -> tuple[int | None, dict[int, object]]:
+    """The first SIGINT/SIGTERM that came since the cluster formed, and the handlers from before it formed.
+
+    The caller (``StopFlag``) installs its own handlers, and puts these back when training ends.
+    """
+    held, before = (_held[0] if _held else None), dict(_before_holding)
+    _held.clear()
+    _before_holding.clear()
+    return held, before
 
 
 def set_precision(policy: str) -> None:
@@ -136,16 +277,20 @@ def setup(distribution: str, devices: list[str], worker_timeout: float) -> Setup
     if distribution == "multi_worker":
         config = read_tf_config()
         workers = sum(len(v) for k, v in config["cluster"].items() if k in ("chief", "worker"))
-        addresses = ", ".join(a for k, v in config["cluster"].items() if k in ("chief", "worker") for a in v)
-        with deadline(
-            worker_timeout,
-            f"could not form the cluster of {workers} workers in TF_CONFIG ({addresses}) within "
-            f"{worker_timeout:.0f} s: start the same command on every worker, check the addresses and ports, "
-            "or raise train.worker_timeout",
-        ):
+        fd = os.environ.pop(REPORT_FD, None)  # not passed on to any process of ours
+        fd = int(fd) if fd and fd.isdigit() else None
+        _report(fd, JOINING)
+        waiting = deadline(worker_timeout, cluster_error(config, worker_timeout)) if fd is None else nullcontext()
+        with waiting:
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
             # A first all-reduce: returns only once every worker has joined.
             strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+        # From now on a worker that ended alone would make the others fail in their next all-reduce: a
+        # signal is kept until training starts, and then stops every worker at the same step (StopFlag).
+        _hold_signals()
+        _report(fd, FORMED)
+        if fd is not None:
+            os.close(fd)
         return Setup(strategy, "multi_worker", strategy.num_replicas_in_sync, workers, is_chief(config))
     if devices:
         _split_cpu(devices)

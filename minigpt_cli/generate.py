@@ -9,11 +9,8 @@ key/value cache) inside one ``tf.function``; XLA is used where it pays off.
 
 from __future__ import annotations
 
-import re
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -44,19 +41,66 @@ class Sample:
         return asdict(self)
 
 
+#: Punctuation written against the word before it / the word after it.
+CLOSERS = frozenset([".", ",", ";", ":", "!", "?", ")", "]", "”"])
+OPENERS = frozenset(["(", "[", "“", "‘"])
+APOSTROPHES = frozenset(["'", "’"])
+#: What follows the apostrophe of a contraction: i'm, don't, it's, we're, i've, you'll, he'd.
+CONTRACTIONS = frozenset(["s", "t", "m", "d", "re", "ve", "ll"])
+
+
+def _word(token: str) -> bool:
+    return bool(token) and token[0].isalnum() and token[-1].isalnum()
+
+
 def tidy(text: str) -> str:
-    """Undo WordPiece's spacing around punctuation: ``i ' m here , " he said`` -> ``i'm here," he said``."""
-    parts = text.split('"')
-    out = parts[0]
-    for i, part in enumerate(parts[1:], 1):
-        out = out + '"' + part.lstrip(" ") if i % 2 else out.rstrip(" ") + '"' + part
-    out = re.sub(r"(\w) (['’]) (\w)", r"\1\2\3", out)
-    out = re.sub(r"([“‘]) ", r"\1", out)
-    out = re.sub(r" ([”])", r"\1", out)
-    out = re.sub(r" ([.,;:!?)\]])", r"\1", out)
-    out = re.sub(r"([(\[]) ", r"\1", out)
-    out = re.sub(r"- -", "--", out)
-    return re.sub(r"\s+", " ", out).strip()
+    """Undo WordPiece's spaces around punctuation: ``" i ' m here , " he said`` -> ``"i'm here," he said``.
+
+    ``.,;:!?)]`` join the word before, ``([`` the word after. Double quotes
+    pair up in order (opening, closing); a last unpaired one opens when text
+    follows it and closes otherwise. An apostrophe between a word and a
+    contraction's ending joins both (``don't``); otherwise it closes an open
+    single quote, makes a plural possessive after a word ending in ``s``
+    (``dogs' bones``), or opens a quote before a word (``said 'yes' and``).
+    A single ``-`` between words joins them (``well-known``), ``- -`` is ``--``.
+    Each rule only removes the space next to the mark it is about.
+    """
+    words = text.split()
+    glued = [False] * (len(words) + 1)  # glued[i]: no space before words[i]
+    double_open = single_open = False
+    for i, w in enumerate(words):
+        prev = words[i - 1] if i else ""
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        left = right = False  # join to the word before / after
+        if w in CLOSERS:
+            left = True
+        elif w in OPENERS:
+            right = True
+            single_open = single_open or w == "‘"
+        elif w == '"':
+            if double_open or not nxt:
+                left, double_open = True, False
+            else:
+                right, double_open = True, True
+        elif w in APOSTROPHES:
+            if _word(prev) and (nxt in CONTRACTIONS or (prev == "o" and nxt == "clock")):
+                left = right = True
+            elif single_open:
+                left, single_open = True, False
+            elif _word(prev) and prev.endswith("s") and _word(nxt):
+                left = True
+            elif _word(nxt):
+                right, single_open = True, True
+            else:
+                left = True
+        elif w == "-":
+            if prev == "-":
+                left = True
+            elif _word(prev) and _word(nxt):
+                left = right = True
+        glued[i] = glued[i] or left
+        glued[i + 1] = glued[i + 1] or right
+    return "".join(w if i == 0 or glued[i] else " " + w for i, w in enumerate(words))
 
 
 def repetition(ids: list[int]) -> dict:
@@ -70,25 +114,6 @@ def repetition(ids: list[int]) -> dict:
         "repeated_4grams": 1 - len(set(four)) / len(four) if four else 0.0,
         "distinct_bigrams": len(set(two)) / len(two) if two else 0.0,
     }
-
-
-def load_model(path: Path, vocab_size: int) -> MiniGPTCausalLM:
-    """Load ``model.keras`` and check that it matches the vocabulary."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optimizer state is not needed to generate
-            model = keras.saving.load_model(path, compile=False)
-    except Exception as e:  # a corrupt zip, a foreign file, a missing class...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MinigptError(f"cannot load {path} ({first[:200]}); train again with 'minigpt train'") from None
-    if not isinstance(model, MiniGPTCausalLM):
-        raise MinigptError(f"{path} is not a minigpt model; train one with 'minigpt train'")
-    if model.backbone.vocabulary_size != vocab_size:
-        raise MinigptError(
-            f"the model in {path} was trained with {model.backbone.vocabulary_size} tokens but vocab.txt "
-            f"has {vocab_size}; run 'minigpt train' again after 'minigpt vocab'"
-        )
-    return model
 
 
 def reference_next(model: MiniGPTCausalLM):
@@ -149,9 +174,63 @@ class Generator:
         )
 
     def run(self, prompts: list[str], spec: SamplerSpec, max_tokens: int) -> list[Sample]:
-        """One batched generation call for ``prompts`` (one sample each)."""
-        spec.check()
+        """One sample per prompt, made in one batched call (beam search: one per prompt length).
+
+        Beam search runs once per group of prompts of equal length: KerasHub's
+        ``BeamSampler`` starts every row where the shortest prompt ends and
+        would score beams on the prompt tokens of longer ones (and run
+        shorter ones for more steps, which can change their best beam), so
+        each group gets exactly what its prompts would get alone.
+        """
+        spec.check(vocab_size=self.model.backbone.vocabulary_size)
         encoded, new_tokens = self.fit_lengths(prompts, max_tokens)
+        beams = spec.num_beams if spec.name == "beam" else 1
+        xla = use_xla(self.jit_compile, len(prompts) * new_tokens * beams)
+        sampler = spec.build()
+        fn = self._function(sampler, xla)
+        if spec.name == "beam":
+            groups: dict[int, list[int]] = {}
+            for row, ids in enumerate(encoded):
+                groups.setdefault(len(ids), []).append(row)
+            batches = list(groups.values())
+        else:
+            batches = [list(range(len(encoded)))]
+        new: list[list[int]] = [[] for _ in encoded]
+        seconds = compile_seconds = 0.0
+        for rows in batches:
+            out, took, compiling = self._generate(fn, sampler, [encoded[r] for r in rows], new_tokens, xla)
+            seconds += took
+            compile_seconds += compiling
+            for row, ids in zip(rows, out, strict=True):
+                new[row] = ids
+        samples = []
+        for row, ids in enumerate(new):
+            raw = self.detokenize(ids)
+            samples.append(
+                Sample(
+                    prompt=prompts[row],
+                    text=tidy(raw),
+                    token_ids=ids,
+                    sampler=spec.name,
+                    settings=spec.settings(),
+                    tokens_per_second=len(prompts) * new_tokens / seconds if seconds > 0 else float("inf"),
+                    seconds=seconds,
+                    compile_seconds=compile_seconds,
+                    raw_text=raw,
+                    stats=repetition(ids),
+                )
+            )
+        return samples
+
+    def _generate(
+        self, fn, sampler, encoded: list[list[int]], new_tokens: int, xla: bool
+    ) -> tuple[list[list[int]], float, float]:
+        """The new tokens of each prompt, the seconds they took, and the seconds spent compiling first.
+
+        The compile (or trace) runs the sampler once; its random state is put
+        back before the timed call, so the tokens do not depend on whether or
+        how the loop was compiled.
+        """
         longest = max(len(e) for e in encoded)
         length = longest + new_tokens
         token_ids = np.zeros((len(encoded), length), dtype="int32")
@@ -161,40 +240,22 @@ class Generator:
             prompt_mask[row, : len(ids)] = True
         inputs = {"token_ids": tf.constant(token_ids), "padding_mask": tf.constant(prompt_mask)}
 
-        beams = spec.num_beams if spec.name == "beam" else 1
-        xla = use_xla(self.jit_compile, len(prompts) * new_tokens * beams)
-        fn = self._function(spec.build(), xla)
+        state = [v.numpy() for v in sampler.variables]
         t0 = time.perf_counter()
         if xla:
             fn(inputs)  # XLA compiles for these exact shapes
         else:
-            short = {k: v[:, : longest + 1] for k, v in inputs.items()}
-            fn(short)  # trace once; the graph serves every length
+            fn({k: v[:, : longest + 1] for k, v in inputs.items()})  # trace once; the graph serves every length
         compile_seconds = time.perf_counter() - t0
+        for variable, value in zip(sampler.variables, state, strict=True):
+            variable.assign(value)
         t0 = time.perf_counter()
         out = fn(inputs).numpy()
         seconds = time.perf_counter() - t0
         if xla:
             compile_seconds = max(0.0, compile_seconds - seconds)
-        samples = []
-        for row, ids in enumerate(encoded):
-            new = [int(i) for i in out[row, len(ids) : len(ids) + new_tokens]]
-            raw = self.detokenize(new)
-            samples.append(
-                Sample(
-                    prompt=prompts[row],
-                    text=tidy(raw),
-                    token_ids=new,
-                    sampler=spec.name,
-                    settings=spec.settings(),
-                    tokens_per_second=len(prompts) * new_tokens / seconds if seconds > 0 else float("inf"),
-                    seconds=seconds,
-                    compile_seconds=compile_seconds,
-                    raw_text=raw,
-                    stats=repetition(new),
-                )
-            )
-        return samples
+        new = [[int(i) for i in out[row, len(ids) : len(ids) + new_tokens]] for row, ids in enumerate(encoded)]
+        return new, seconds, compile_seconds
 
     def detokenize(self, ids: list[int]) -> str:
         kept = [i for i in ids if i not in self.strip_ids]

@@ -13,11 +13,17 @@ KerasHub sampler, run as one compiled loop over a key/value cache.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import keras_hub
 import numpy as np
 from keras import ops
 
+# Keras's own helper for the replica scaling of a loss under tf.distribute (no public alias).
+from keras.src.losses.loss import unscale_loss_for_distribution
+
+from minigpt_cli.errors import MinigptError
 from minigpt_cli.vocab import MiniGPTTokenizer
 
 
@@ -133,6 +139,38 @@ class MiniGPTCausalLM(keras_hub.models.CausalLM):
         outputs = self.lm_head(backbone(inputs))
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
+    def compile(self, *args, **kwargs):
+        """``CausalLM.compile``, plus ``token_loss``: the loss averaged over the epoch's real tokens."""
+        super().compile(*args, **kwargs)
+        if getattr(self, "token_loss", None) is None:  # compiled again (a resume): keep the ones Keras tracks
+            self.token_loss = keras.metrics.Mean(name="token_loss")
+            self.batch_loss = keras.metrics.Mean(name="batch_loss")
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The batch's loss, the mean over its real (unmasked) tokens; also accumulated per token.
+
+        Keras averages its own ``loss`` log over batches; ``token_loss`` weighs
+        each batch by its real tokens, so the epoch's figure is the mean over
+        every real token, as perplexity is. ``batch_loss`` holds the last
+        training batch's own loss.
+        """
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if getattr(self, "token_loss", None) is not None and loss is not None:
+            tokens = ops.sum(sample_weight) if sample_weight is not None else ops.cast(ops.size(y), "float32")
+            loss_value = unscale_loss_for_distribution(loss)
+            self.token_loss.update_state(loss_value, sample_weight=tokens)
+            if training:
+                self.batch_loss.reset_state()
+                self.batch_loss.update_state(loss_value, sample_weight=tokens)
+        return loss
+
+    def get_metrics_result(self):
+        """Metrics as Keras logs them, with ``loss`` the mean over real tokens (``token_loss``)."""
+        result = super().get_metrics_result()
+        if "token_loss" in result:
+            result["loss"] = result.pop("token_loss")
+        return result
+
     def compile_from_config(self, config):
         """Restore optimizer (with its state), loss and metrics when a checkpoint is loaded.
 
@@ -151,7 +189,9 @@ class MiniGPTCausalLM(keras_hub.models.CausalLM):
         return self._worker_logs(super().train_step(*args, **kwargs))
 
     def test_step(self, *args, **kwargs):
-        return self._worker_logs(super().test_step(*args, **kwargs))
+        logs = super().test_step(*args, **kwargs)
+        logs.pop("batch_loss", None)  # a training figure
+        return self._worker_logs(logs)
 
     def _worker_logs(self, logs):
         # Keras 3 averages the replicas' logs across workers with reduce(axis=0), which fails on
@@ -253,3 +293,28 @@ def build_model(vocabulary_size: int, cfg) -> MiniGPTCausalLM:
         dropout=cfg.dropout,
     )
     return MiniGPTCausalLM(backbone)
+
+
+def load_model(path: Path, vocab_size: int, *, compile: bool = False) -> MiniGPTCausalLM:
+    """Load a ``model.keras`` or checkpoint and check that it matches the vocabulary.
+
+    ``compile=False`` loads the weights for use (generate, evaluate);
+    ``compile=True`` also restores the optimizer and its state, to resume.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras warns that optimizer state is skipped without compile
+            model = keras.saving.load_model(path, compile=compile)
+    except Exception as e:  # a corrupt zip, a foreign file, a missing class...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MinigptError(f"cannot load {path} ({first[:200]}); train again with 'minigpt train'") from None
+    if not isinstance(model, MiniGPTCausalLM):
+        raise MinigptError(f"{path} is not a minigpt model; train one with 'minigpt train'")
+    if model.backbone.vocabulary_size != vocab_size:
+        raise MinigptError(
+            f"the model in {path} was trained with {model.backbone.vocabulary_size} tokens but vocab.txt "
+            f"has {vocab_size}; run 'minigpt train' again after 'minigpt vocab'"
+        )
+    return model

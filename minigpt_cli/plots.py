@@ -7,7 +7,7 @@ from pathlib import Path
 from minigpt_cli.runs import atomic_path
 
 
-def draw_training_curve(steps: list[tuple[int, float]], history: list[dict], path: Path) -> None:
+def draw_training_curve(steps: list[tuple], history: list[dict], path: Path) -> None:
     """Write ``training_curve.png``: per-step train loss (and its moving average), validation loss per epoch."""
     import matplotlib
 
@@ -17,7 +17,7 @@ def draw_training_curve(steps: list[tuple[int, float]], history: list[dict], pat
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if steps:
-        x, y = np.array(steps).T
+        x, y = np.array([step[:2] for step in steps], dtype=float).T
         ax.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (step)")
         window = max(1, len(y) // 50)
         if window > 1:

@@ -1,10 +1,54 @@
-"""Random sampling with one uniform draw per sequence."""
+"""Random and top-k sampling by inverse CDF, with the same draws under XLA and without it.
+
+Every sampling sampler here (and top-p in ``top_p_sampler``) turns one uniform
+number per sequence and step into a token through the cumulative distribution.
+TensorFlow's float random numbers and ``categorical`` draws differ between XLA
+and plain graphs on a CPU (and ``top_k(sorted=False)`` returns a different
+order); its integer random numbers do not. So the uniform number is made from
+integer random bits, and candidates are always sorted: the same seed gives the
+same draws whichever way the loop is compiled.
+"""
 
 from __future__ import annotations
 
-import keras
 import keras_hub
+import tensorflow as tf
 from keras import ops
+
+#: Uniform numbers are ``(i + 1/2) / 2**23`` for ``i < 2**23``: exact in float32, never 0 or 1.
+LEVELS = 2**23
+
+
+def uniform(seed_generator, batch_size) -> tf.Tensor:
+    """One number in (0, 1) per row from ``seed_generator`` (advancing it by one), exact under XLA too.
+
+    The generator's int64 state ``[seed, counter]`` goes to TensorFlow's
+    stateless op as it is: for values below 2**32 (``SamplerSpec.check``
+    keeps seeds there) XLA and plain graphs draw the same bits, and every
+    seed its own (Keras's cast to int32 folds seeds modulo 2**31 - 2, so 0
+    and 2**31 - 2 would draw the same numbers).
+    """
+    bits = tf.random.stateless_uniform(
+        ops.reshape(batch_size, [1]), seed=seed_generator.next(), minval=0, maxval=LEVELS, dtype=tf.int32
+    )
+    return (ops.cast(bits, "float32") + 0.5) * (1.0 / LEVELS)
+
+
+def inverse_cdf(weights, u):
+    """Index drawn from each row of ``weights`` (non-negative, any total) with the uniform numbers ``u``.
+
+    A zero weight is never drawn: the result is the first index whose
+    cumulative weight reaches ``u`` times the row's total.
+    """
+    cdf = ops.cumsum(weights, axis=-1)
+    below = ops.cast(cdf < ops.expand_dims(u, -1) * cdf[:, -1:], "int32")
+    return ops.minimum(ops.sum(below, axis=-1), ops.shape(weights)[-1] - 1)
+
+
+def draw_sorted(sorted_weights, indices, u):
+    """Draw from candidates sorted by probability; return the tokens' ids from ``indices``."""
+    choice = inverse_cdf(sorted_weights, u)
+    return ops.squeeze(ops.take_along_axis(indices, ops.expand_dims(choice, -1), axis=-1), axis=-1)
 
 
 class InverseCDFRandomSampler(keras_hub.samplers.RandomSampler):
@@ -16,7 +60,13 @@ class InverseCDFRandomSampler(keras_hub.samplers.RandomSampler):
     """
 
     def get_next_token(self, probabilities):
-        u = keras.random.uniform(ops.shape(probabilities)[:1], seed=self.seed_generator, dtype=probabilities.dtype)
-        cdf = ops.cumsum(probabilities, axis=-1)
-        below = ops.cast(cdf < ops.expand_dims(u * cdf[:, -1], axis=-1), "int32")
-        return ops.minimum(ops.sum(below, axis=-1), ops.shape(probabilities)[-1] - 1)
+        return inverse_cdf(probabilities, uniform(self.seed_generator, ops.shape(probabilities)[0]))
+
+
+class InverseCDFTopKSampler(keras_hub.samplers.TopKSampler):
+    """KerasHub's ``TopKSampler`` (same distribution: the ``k`` likeliest tokens), drawn by inverse CDF."""
+
+    def get_next_token(self, probabilities):
+        u = uniform(self.seed_generator, ops.shape(probabilities)[0])
+        top, indices = ops.top_k(probabilities, k=self.k, sorted=True)
+        return draw_sorted(top, indices, u)

@@ -1,11 +1,19 @@
-"""Sampler choice and settings, checked before any TensorFlow is loaded."""
+"""Sampler choice and settings, checked before any TensorFlow is loaded.
+
+``sampler_spec`` is the one place where the config's ``[generate]`` section
+and command-line flags become a checked ``SamplerSpec``.
+"""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
-from minigpt_cli.config import SAMPLERS
+from minigpt_cli.config import SAMPLERS, GenerateConfig
 from minigpt_cli.errors import MinigptError
+
+#: Seeds are 32-bit: every seed in [0, 2**32) gives its own random numbers.
+SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
@@ -20,17 +28,26 @@ class SamplerSpec:
     seed: int | None = None
     top_p_candidates: int = 128
 
-    def check(self) -> SamplerSpec:
+    def check(self, vocab_size: int | None = None) -> SamplerSpec:
+        """Refuse bad settings with one line; with ``vocab_size``, also a top-k ``k`` above it."""
         if self.name not in SAMPLERS:
             raise MinigptError(f"unknown sampler '{self.name}'; choose one of {', '.join(SAMPLERS)} or all")
         if self.name == "topk" and self.k < 1:
             raise MinigptError(f"--k must be at least 1, got {self.k}")
+        if self.name == "topk" and vocab_size is not None and self.k > vocab_size:
+            raise MinigptError(
+                f"--k is {self.k} but the vocabulary has only {vocab_size} tokens; use at most {vocab_size}"
+            )
         if self.name == "topp" and not 0 < self.p <= 1:
             raise MinigptError(f"--p must be in (0, 1], got {self.p}")
         if self.name == "beam" and self.num_beams < 1:
             raise MinigptError(f"--num-beams must be at least 1, got {self.num_beams}")
         if not self.temperature > 0:
             raise MinigptError(f"--temperature must be above 0, got {self.temperature}")
+        if self.top_p_candidates < 1:
+            raise MinigptError(f"generate.top_p_candidates must be at least 1, got {self.top_p_candidates}")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise MinigptError(f"--seed must be in [0, {SEED_LIMIT - 1}] (a 32-bit number), got {self.seed}")
         return self
 
     def settings(self) -> dict:
@@ -50,7 +67,7 @@ class SamplerSpec:
         """The KerasHub sampler (imports TensorFlow)."""
         import keras_hub
 
-        from minigpt_cli.random_sampler import InverseCDFRandomSampler
+        from minigpt_cli.random_sampler import InverseCDFRandomSampler, InverseCDFTopKSampler
         from minigpt_cli.top_p_sampler import CandidateTopPSampler
 
         t = self.temperature
@@ -61,5 +78,32 @@ class SamplerSpec:
         if self.name == "random":
             return InverseCDFRandomSampler(seed=self.seed, temperature=t)
         if self.name == "topk":
-            return keras_hub.samplers.TopKSampler(k=self.k, seed=self.seed, temperature=t)
+            return InverseCDFTopKSampler(k=self.k, seed=self.seed, temperature=t)
         return CandidateTopPSampler(p=self.p, k=self.top_p_candidates, seed=self.seed, temperature=t)
+
+
+def sampler_spec(
+    gen: GenerateConfig,
+    name: str | None = None,
+    *,
+    k: int | None = None,
+    p: float | None = None,
+    num_beams: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+) -> SamplerSpec:
+    """The checked sampler settings: the config's ``[generate]`` section, overridden by any value given.
+
+    ``name`` defaults to ``generate.sampler``. Without a ``seed`` a fresh one
+    is drawn and kept in the spec (so ``settings()`` and ``--json`` show it and
+    the text can be made again).
+    """
+    return SamplerSpec(
+        gen.sampler if name is None else name,
+        k=gen.k if k is None else k,
+        p=gen.p if p is None else p,
+        num_beams=gen.num_beams if num_beams is None else num_beams,
+        temperature=gen.temperature if temperature is None else temperature,
+        seed=random.SystemRandom().randrange(SEED_LIMIT) if seed is None else seed,
+        top_p_candidates=gen.top_p_candidates,
+    ).check()

@@ -98,6 +98,11 @@ def test_override_beats_file(tmp_path):
         ("generate.sampler=nucleus", ["'generate.sampler' must be one of"]),
         ('vocab.reserved_tokens=["[UNK]", "[PAD]", "[BOS]"]', ["vocab.reserved_tokens"]),
         ("novalue", ["--set expects section.key=value"]),
+        ("data.windows=sliding", ["'data.windows' must be one of reference, packed"]),
+        ("data.packing=true", ["'data.packing' is retired", 'data.windows: "packed"']),
+        ("data.shuffle_buffer=256", ["'data.shuffle_buffer' is retired"]),
+        ("train.weight_decay=0.1", ["'train.weight_decay' only applies to train.optimizer = \"adamw\""]),
+        ('train.devices=["/cpu:0", "/cpu:1"]', ["'train.devices' only applies to train.distribution = \"mirrored\""]),
     ],
 )
 def test_refusals_name_the_key(override, fragments):
@@ -155,3 +160,11 @@ def test_all_keys_cover_the_issue_list():
         "seed",
     }
     assert wanted <= keys
+
+
+def test_combinations_that_apply_are_accepted():
+    cfg = load_config(None, ["train.optimizer=adamw", "train.weight_decay=0.1"])
+    assert cfg.train.weight_decay == 0.1
+    cfg = load_config(None, ["train.distribution=mirrored", 'train.devices=["/cpu:0", "/cpu:1"]'])
+    assert cfg.train.devices == ["/cpu:0", "/cpu:1"]
+    assert load_config(None, ["train.optimizer=adamw"]).train.weight_decay is None  # AdamW's default, 0.01

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -90,3 +91,27 @@ def test_missing_subset(server, tmp_path):
         "vocab", "--run-dir", tmp_path / "run", *_sets(url, tmp_path / "cache", "data.subset=simplebooks-9-raw")
     )
     assert_user_error(result, "simplebooks-9-raw", "data.subset")
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "simplebooks/../../evil.txt", "/tmp/minigpt-evil-{}.txt"])
+def test_archive_reaching_outside_its_folder_is_refused(server, tmp_path, member):
+    """A zip member that would land outside the extraction folder: refused, nothing extracted, cache clean."""
+    member = member.format(uuid.uuid4().hex)
+    with zipfile.ZipFile(tmp_path / "www" / "evil.zip", "w") as zf:
+        for split in ("train", "valid"):
+            zf.write(CORPUS / f"{split}.txt", f"simplebooks/simplebooks-2-raw/{split}.txt")
+        zf.writestr(zipfile.ZipInfo(member), "gotcha\n")  # a ZipInfo keeps the name as given
+    assert member in zipfile.ZipFile(tmp_path / "www" / "evil.zip").namelist()
+    url = f"http://127.0.0.1:{server.server_port}/evil.zip"
+    cache = tmp_path / "cache"
+    try:
+        result = minigpt("vocab", "--run-dir", tmp_path / "run", *_sets(url, cache))
+        assert_user_error(result, "outside its folder", repr(member), "nothing was extracted")
+        assert not Path(member).exists()
+    finally:
+        if member.startswith("/"):
+            Path(member).unlink(missing_ok=True)
+    assert server.requests == ["/evil.zip"]
+    assert not list(tmp_path.rglob("*evil.txt")), "a member was written outside"
+    assert not [p for p in cache.rglob("*") if p.is_file()], "the archive or a partial extraction is left in the cache"
+    assert not (tmp_path / "run" / "vocab.txt").exists()
