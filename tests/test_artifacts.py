@@ -249,14 +249,23 @@ def test_training_stops_cleanly_when_a_checkpoint_cannot_be_written(tmp_path):
     # Every file above 64 KiB fails to grow (EFBIG): the next checkpoint is the first such file.
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
     args = [sys.executable, "-m", "minigpt_cli", "train", "--resume", "--run-dir", str(run), "--set", "train.epochs=2"]
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, preexec_fn=_limited(65536))
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    assert errors == [lines[-1]], result.stderr  # one line, the last
-    assert lines[-1].startswith(f"error: cannot write {run / 'checkpoints' / 'ckpt-00000012.keras'}: File too large")
-    assert lines[-1].endswith(f", then resume with: minigpt train --resume --run-dir {run}")
+
+    def limited_train(*extra: str) -> str:
+        result = subprocess.run([*args, *extra], capture_output=True, text=True, env=env, timeout=300,
+                                preexec_fn=_limited(65536))  # fmt: skip
+        assert result.returncode == 2, (result.returncode, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()]
+        assert errors == [lines[-1]], result.stderr  # one line, the last
+        assert lines[-1].endswith(f", then resume with: minigpt train --resume --run-dir {run}")
+        return lines[-1]
+
+    # A checkpoint mid-epoch (step 9 of 12), and model.keras at the epoch's end, written before its checkpoint.
+    line = limited_train("--set", "train.checkpoint_every=3")
+    assert line.startswith(f"error: cannot write {run / 'checkpoints' / 'ckpt-00000009.keras'}: File too large")
+    line = limited_train("--set", "train.checkpoint_every=0")
+    assert line.startswith(f"error: cannot write {run / 'model.keras'}: File too large")
 
     # The previous artifacts are untouched and load; no temporary file is left.
     assert (run / "model.keras").read_bytes() == model_bytes

@@ -157,7 +157,11 @@ def test_model_vocab_mismatch(tmp_path, trained_run):
     shutil.copytree(trained_run, tmp_path / "run")
     vocab = (tmp_path / "run" / "vocab.txt").read_text(encoding="utf-8")
     (tmp_path / "run" / "vocab.txt").write_text(vocab + "extratoken\n", encoding="utf-8")
-    assert_user_error(minigpt("generate", "--run-dir", tmp_path / "run"), "vocab.txt", "minigpt train")
+    # vocab.json's digest no longer matches vocab.txt ...
+    assert_user_error(minigpt("generate", "--run-dir", tmp_path / "run"), "does not describe", "minigpt vocab")
+    # ... and without vocab.json, the model's size does not.
+    (tmp_path / "run" / "vocab.json").unlink()
+    assert_user_error(minigpt("generate", "--run-dir", tmp_path / "run"), "vocab.txt has 184", "minigpt train")
 
 
 def test_corrupt_model(tmp_path, trained_run):
