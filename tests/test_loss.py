@@ -74,8 +74,15 @@ def test_validation_loss_is_the_log_of_validation_perplexity(tmp_path, trained_r
     run = RunDir(tmp_path / "run").create()
     for name in ("vocab.txt", "vocab.json"):
         (run.root / name).write_bytes((trained_run / name).read_bytes())
-    sets = [f"data.train={CORPUS / 'train.txt'}", f"data.valid={CORPUS / 'valid.txt'}", *TINY,
-            "model.seq_len=96", "train.steps_per_epoch=3", "train.sample_each_epoch=false", "train.jit_compile=false"]
+    sets = [
+        f"data.train={CORPUS / 'train.txt'}",
+        f"data.valid={CORPUS / 'valid.txt'}",
+        *TINY,
+        "model.seq_len=96",
+        "train.steps_per_epoch=3",
+        "train.sample_each_epoch=false",
+        "train.jit_compile=false",
+    ]
     cfg = load_config(None, [s for s in sets if not s.startswith("train.validation_steps")])
     valid = prepare_data(cfg, run, read_vocabulary(run.vocab, cfg.vocab)).valid.windows
     assert (valid[:, 1:] == 0).mean() > 0.1, "the scored validation windows must hold padding"
