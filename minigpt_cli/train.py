@@ -122,6 +122,13 @@ def resume_conflicts(trained: Config | dict, now: Config) -> list[str]:
     ]
 
 
+def _lost_worker(error: Exception) -> bool:
+    """Whether ``error`` is TensorFlow's word that a peer of a multi-worker job is gone."""
+    import tensorflow as tf
+
+    return isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError))
+
+
 def train(
     cfg: Config,
     run: RunDir,
@@ -271,6 +278,12 @@ def train(
                 fit(start_epoch, epochs, 0)
     except cb.StopTraining:
         pass  # the stop's checkpoint is written; said below
+    except Exception as e:
+        if dist.kind != "multi_worker" or not _lost_worker(e):
+            raise
+        saved = checkpointer.last or position
+        then = f"start every worker again with: minigpt train --resume --run-dir {run.root}" if saved else "retry"
+        raise MinigptError(f"a worker of the cluster stopped answering ({type(e).__name__}); {then}") from None
     except WriteError as e:  # disk full or the like: say how to go on from the last whole checkpoint
         saved = checkpointer.last or position
         then = f"resume with: minigpt train --resume --run-dir {run.root}" if saved else "train again"
