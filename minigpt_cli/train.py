@@ -278,16 +278,16 @@ def train(
                 fit(start_epoch, epochs, 0)
     except cb.StopTraining:
         pass  # the stop's checkpoint is written; said below
+    except WriteError as e:  # disk full or the like: say how to go on from the last whole checkpoint
+        saved = checkpointer.last or position
+        then = f"resume with: minigpt train --resume --run-dir {run.root}" if saved else "train again"
+        raise WriteError(e.path, e.error, then=then) from None
     except Exception as e:
         if dist.kind != "multi_worker" or not _lost_worker(e):
             raise
         saved = checkpointer.last or position
         then = f"start every worker again with: minigpt train --resume --run-dir {run.root}" if saved else "retry"
         raise MinigptError(f"a worker of the cluster stopped answering ({type(e).__name__}); {then}") from None
-    except WriteError as e:  # disk full or the like: say how to go on from the last whole checkpoint
-        saved = checkpointer.last or position
-        then = f"resume with: minigpt train --resume --run-dir {run.root}" if saved else "train again"
-        raise WriteError(e.path, e.error, then=then) from None
     finally:
         progress.stop()
         if not dist.is_chief:  # its scratch folder goes, however training ended
