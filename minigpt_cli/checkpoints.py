@@ -11,7 +11,6 @@ truncated or replaced checkpoint is refused, never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import shutil
@@ -19,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from minigpt_cli.errors import MinigptError
-from minigpt_cli.runs import WriteError, atomic_path, write_text
+from minigpt_cli.runs import WriteError, atomic_path, file_digest, write_text
 
 
 @dataclass(frozen=True)
@@ -43,16 +42,6 @@ class Position:
 
 def _dir(root: Path) -> Path:
     return root / "checkpoints"
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a file."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
 
 
 def save(root: Path, model, position: Position, copy_of: Path | None = None) -> Path:

@@ -100,12 +100,12 @@ class Vocabulary:
     def check_config(self, cfg: VocabConfig) -> None:
         """Refuse a ``[vocab]`` section that contradicts how this vocabulary was learned."""
         asked = {"lowercase": cfg.lowercase, "reserved_tokens": list(cfg.reserved_tokens), "size": cfg.size}
-        wrong = [f"vocab.{k} = {asked[k]!r}" for k, v in self.settings().items() if asked[k] != v]
-        if wrong:
+        learned = {k: v for k, v in self.settings().items() if asked[k] != v}
+        if learned:
             raise MinigptError(
-                f"the config says {', '.join(wrong)} but the run's vocabulary was learned with "
-                + ", ".join(f"vocab.{k} = {v!r}" for k, v in self.settings().items() if asked[k] != v)
-                + "; run 'minigpt vocab' again with this config, or drop those keys"
+                f"the config says {', '.join(f'vocab.{k} = {asked[k]!r}' for k in learned)} but the run's "
+                f"vocabulary was learned with {', '.join(f'vocab.{k} = {v!r}' for k, v in learned.items())}; "
+                "run 'minigpt vocab' again with this config, or drop those keys"
             )
 
 

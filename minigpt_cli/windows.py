@@ -27,18 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt_cli.runs import atomic_path
+from minigpt_cli.runs import atomic_path, file_digest
 
 #: Bumped when the way windows are cut changes, so old caches are not reused.
 CUT_VERSION = 2
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(
@@ -52,7 +44,7 @@ def cache_key(
         settings["min_string_len"] = min_string_len
     h.update(json.dumps(settings, sort_keys=True).encode())
     for f in files:
-        h.update(_file_digest(f).encode())
+        h.update(file_digest(f)[1].encode())
     return h.hexdigest()[:20]
 
 

@@ -20,7 +20,7 @@ from conftest import CORPUS, assert_user_error, minigpt, tiny_sets
 
 from minigpt_cli import checkpoints
 from minigpt_cli.errors import MinigptError
-from minigpt_cli.runs import LOCK_NAME, RunLock, WriteError, atomic_path, write_text
+from minigpt_cli.runs import LOCK_NAME, RunLock, WriteError, atomic_path, file_digest, write_text
 
 # ---------------------------------------------------------------- atomic writes
 
@@ -141,7 +141,7 @@ def test_checkpoint_records_and_checks_its_file(tmp_path, keras_models):
     assert not first.exists() and second.exists(), "the older checkpoint is removed once the new one is in"
     position = checkpoints.latest(tmp_path)
     assert position.file == second.name and position.size == second.stat().st_size
-    assert position.sha256 == checkpoints.file_digest(second)[1]
+    assert position.sha256 == file_digest(second)[1]
     keras.saving.load_model(checkpoints.path_of(tmp_path, position))
 
     again = checkpoints.save(tmp_path, model, checkpoints.Position(1, 0, 6, 6))  # same step: never overwrite
