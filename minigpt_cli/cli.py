@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -23,13 +23,29 @@ app = typer.Typer(
     help="Train small GPT language models from scratch on plain text, and generate text from them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see configs/).")]
-RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", "-r", help="Run directory (default: runs/<config name>).")]
+
+def _complete_runs(incomplete: str) -> list[str]:
+    """Run directories under runs/ (shell completion of -r)."""
+    return [str(p) for p in sorted(Path("runs").glob("*")) if p.is_dir() and str(p).startswith(incomplete)]
+
+
+def _complete_configs(incomplete: str) -> list[str]:
+    """Config files under configs/ (shell completion of -c)."""
+    return [str(p) for p in sorted(Path("configs").glob("*.toml")) if str(p).startswith(incomplete)]
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (see configs/).", autocompletion=_complete_configs),
+]
+RunDirOpt = Annotated[
+    Path | None,
+    typer.Option("--run-dir", "-r", help="Run directory (default: runs/<config name>).", autocompletion=_complete_runs),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
@@ -213,14 +229,26 @@ def _read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
     return prompts
 
 
+SamplerChoice = Literal["greedy", "beam", "random", "topk", "topp", "all"]
+
+
+def _probability_style(p: float | None) -> str:
+    """A color for a token's probability: green (sure) through yellow to red (a long shot)."""
+    if p is None or p != p:
+        return ""
+    return "green" if p >= 0.5 else "yellow" if p >= 0.2 else "dark_orange" if p >= 0.05 else "red"
+
+
+def _colored(parts: list[tuple[str, float | None]]) -> Text:
+    return Text.assemble(*((text, _probability_style(p)) for text, p in parts))
+
+
 @app.command()
 def generate(
     config: ConfigOpt = None,
     run_dir: RunDirOpt = None,
     set_: SetOpt = None,
-    sampler: Annotated[
-        str | None, typer.Option(help=f"{'|'.join(SAMPLERS)}|all (default: generate.sampler, topk)")
-    ] = None,
+    sampler: Annotated[SamplerChoice | None, typer.Option(help="Sampler (default: generate.sampler, topk).")] = None,
     prompt: Annotated[
         str | None, typer.Option(help="Text to continue (default: none, start from the [BOS] token).")
     ] = None,
@@ -237,31 +265,66 @@ def generate(
     seed: Annotated[
         int | None, typer.Option(help="Random seed in [0, 2**32): same seed, same text (default: a fresh one).")
     ] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="End the text before this text (repeatable; default: generate.stop).")
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="Divide the logits of tokens already written by this (1: off).")
+    ] = None,
+    no_repeat_ngram: Annotated[
+        int | None, typer.Option(help="Never repeat an n-gram of this many tokens (0: off).")
+    ] = None,
+    min_p: Annotated[
+        float | None, typer.Option(help="Keep tokens at least this share of the likeliest's probability (0: off).")
+    ] = None,
+    end_at_paragraph: Annotated[
+        bool | None,
+        typer.Option("--end-at-paragraph/--no-end-at-paragraph", help="End at the model's first [BOS] (paragraph)."),
+    ] = None,
     num_samples: Annotated[int, typer.Option(help="Samples per prompt, made in one batched call.")] = 1,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Print tokens as they come (beam search prints its best beam at the end).")
+    ] = False,
+    show_probs: Annotated[
+        bool, typer.Option("--show-probs", help="Color each new token by the probability it was chosen with.")
+    ] = False,
     show_prompt: Annotated[bool, typer.Option(help="Print the prompt before the new text.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per sample (with --stream, one per piece too).")
+    ] = False,
 ) -> None:
     """Generate text from the run's trained model."""
     cfg, run = _setup(config, run_dir, set_, find_trained=True)
     g = cfg.generate
     name = sampler or g.sampler
-    if name != "all" and name not in SAMPLERS:
-        raise MinigptError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)} or all")
     if num_samples < 1:
         raise MinigptError(f"--num-samples must be at least 1, got {num_samples}")
     max_tokens = g.max_tokens if max_tokens is None else max_tokens
     if max_tokens < 1:
         raise MinigptError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if stream and name == "all":
+        raise MinigptError("--stream shows one sampler at a time; choose one with --sampler")
+    if show_probs and name == "beam":
+        raise MinigptError("--show-probs needs a sampler that picks one token at a time; beam search scores beams")
     prompts = _read_prompts(prompt, prompt_file)
     run.require_vocab()
     run.require_model()
 
+    from minigpt_cli.samplers import controls as decoding_controls
     from minigpt_cli.samplers import sampler_spec
 
     specs = [
         sampler_spec(g, s, k=k, p=p, num_beams=num_beams, temperature=temperature, seed=seed)
         for s in (SAMPLERS if name == "all" else (name,))
     ]
+    ctl = decoding_controls(
+        g,
+        stop=stop,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram=no_repeat_ngram,
+        min_p=min_p,
+        end_at_paragraph=end_at_paragraph,
+    )
     _load_tensorflow()
     from minigpt_cli.generate import Generator
     from minigpt_cli.model import load_model
@@ -271,15 +334,18 @@ def generate(
     model = load_model(run.model, len(vocabulary))
     generator = Generator(model, vocabulary.tokenizer(), jit_compile=g.jit_compile)
     batch = [p_ for p_ in prompts for _ in range(num_samples)]
-    results = [generator.run(batch, s, max_tokens) for s in specs]
-    fitted = len(results[0][0].token_ids)
+    if stream and name != "beam":
+        _stream(generator, batch, specs[0], max_tokens, ctl, show_prompt, show_probs, as_json)
+        return
+    results = [generator.run(batch, s, max_tokens, ctl) for s in specs]
+    fitted = generator.fit_lengths(batch, max_tokens)[1]
     if fitted < max_tokens:
         err.print(f"note: only {fitted} new tokens fit in the model's {generator.seq_len}-token window")
 
     if as_json:
         for samples in results:
             for s in samples:
-                print(json.dumps(s.to_dict()))
+                print(json.dumps(s.to_dict(), allow_nan=False))
         return
     if name == "all":
         table = Table(title=f"prompt: {prompts[0]!r}" if prompts[0] else "prompt: [BOS]", show_lines=True)
@@ -301,7 +367,42 @@ def generate(
     for i, s in enumerate(results[0]):
         if i:
             print()
-        print(f"{s.prompt} {s.text}".strip() if show_prompt else s.text)
+        head = f"{s.prompt} " if show_prompt and s.prompt else ""
+        if show_probs:
+            parts = generator.render(s.token_ids).parts(0, len(s.text), s.probabilities)
+            out.print(Text(head) + _colored(parts), markup=False)
+        else:
+            print(head + s.text)
+
+
+def _stream(generator, prompts, spec, max_tokens, ctl, show_prompt, show_probs, as_json) -> None:
+    """Print each prompt's text as it is made, one after the other; a prompt's n-th sample uses seed + n."""
+    from dataclasses import replace
+
+    from minigpt_cli.samplers import SEED_LIMIT
+
+    for i, text in enumerate(prompts):
+        nth = prompts[:i].count(text)
+        stream = generator.stream(text, replace(spec, seed=(spec.seed + nth) % SEED_LIMIT), max_tokens, ctl)
+        if stream.new_tokens < max_tokens:
+            err.print(f"note: only {stream.new_tokens} new tokens fit in the model's {generator.seq_len}-token window")
+        if i and not as_json:
+            print()
+        if show_prompt and text and not as_json:
+            out.print(text + " ", end="", markup=False)
+        for piece in stream:
+            if as_json:
+                line = {"prompt": text, "text": piece.text, "probabilities": piece.probabilities}
+                print(json.dumps(line), flush=True)
+            elif show_probs:
+                out.print(_colored(piece.parts), end="", markup=False)
+            else:
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+        if as_json:
+            print(json.dumps(stream.sample.to_dict(), allow_nan=False), flush=True)
+        else:
+            print(flush=True)
 
 
 @app.command("config")
@@ -319,20 +420,50 @@ def show_config(
     print(dumps(cfg), end="")
 
 
+from minigpt_cli.cli_chat import chat  # noqa: E402  (these use this module's helpers)
+from minigpt_cli.cli_inspect import inspect_app  # noqa: E402
+
+app.command()(chat)
+app.add_typer(inspect_app, name="inspect")
+
+
+def _fast_exit() -> None:
+    """Everything is written; skip TensorFlow's teardown, which takes ~0.6 s at exit."""
+    if "tensorflow" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors (ours and the command line's) become one line on stderr and exit code 2."""
+    try:  # Typer 0.29 carries its own copy of click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except SystemExit as e:
-        if e.code in (0, None) and "tensorflow" in sys.modules:
-            # Everything is written; skip TensorFlow's teardown, which takes ~0.6 s at exit.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        if e.code in (0, None):
+            _fast_exit()
         raise
+    except NoArgsIsHelpError as e:
+        e.ctx.get_help()  # Typer prints its help itself
+        sys.exit(2)
+    except UsageError as e:
+        command = e.ctx.command_path if e.ctx else "minigpt"
+        message = e.format_message().replace("Value error, ", "").replace("\n", " ")
+        err.print(Text.assemble(("error: ", "bold red"), f"{message} (see '{command} --help')"))
+        sys.exit(2)
     except MinigptError as e:
         err.print(Text.assemble(("error: ", "bold red"), str(e)))
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)
+    if code == 130:  # Typer turns Ctrl-C into exit code 130
+        err.print("interrupted")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+    _fast_exit()

@@ -95,6 +95,11 @@ class GenerateConfig:
     temperature: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     top_p_candidates: int = field(default=128, metadata=_range(1))
     jit_compile: Switch = "auto"
+    stop: list[str] = field(default_factory=list)
+    repetition_penalty: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    no_repeat_ngram: int = field(default=0, metadata=_range(0))
+    min_p: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    end_at_paragraph: bool = False
 
 
 @dataclass
@@ -259,6 +264,8 @@ def _validate(cfg: Config) -> None:
             f"config key 'train.weight_decay' only applies to train.optimizer = \"adamw\" (got {t.optimizer!r}); "
             "set train.optimizer=adamw or leave train.weight_decay out"
         )
+    if any(not text for text in cfg.generate.stop):
+        raise MinigptError("config key 'generate.stop' must not hold an empty string")
     if t.devices and t.distribution != "mirrored":
         raise MinigptError(
             f"config key 'train.devices' only applies to train.distribution = \"mirrored\" (got {t.distribution!r}); "

@@ -1,24 +1,28 @@
-"""Samplers and text generation from a trained mini-GPT.
+"""Text generation from a trained mini-GPT: batched, streamed, and made readable.
 
-Generation runs the model's KerasHub ``generate_step`` (one loop over a
-key/value cache) inside one ``tf.function``; XLA is used where it pays off.
+Every sampler but beam search runs one compiled loop over the model's
+key/value cache (see ``Generator``); XLA is used where it pays off.
 
 >>> gen = Generator(model, tokenizer)                          # doctest: +SKIP
 >>> gen.run(["the king"], SamplerSpec("topp", p=0.5), max_tokens=40)  # doctest: +SKIP
+>>> for piece in gen.stream("the king", SamplerSpec("topk", seed=1), 40):  # doctest: +SKIP
+...     print(piece.text, end="", flush=True)
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from minigpt_cli.errors import MinigptError
 from minigpt_cli.model import MiniGPTCausalLM
-from minigpt_cli.samplers import SamplerSpec
+from minigpt_cli.samplers import Controls, SamplerSpec
 from minigpt_cli.vocab import BOS, PAD, MiniGPTTokenizer
 
 
@@ -36,9 +40,14 @@ class Sample:
     compile_seconds: float
     raw_text: str = ""
     stats: dict = field(default_factory=dict)
+    #: Each new token's probability when it was chosen (the sampler's softmax at its temperature).
+    probabilities: list[float] = field(default_factory=list)
+    #: Why the text ended: "length", "stop" (a stop text) or "paragraph" (a [BOS]).
+    stopped: str = "length"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data for JSON: no NaN or infinity (an instant run's tokens/s is null)."""
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
 
 
 #: Punctuation written against the word before it / the word after it.
@@ -47,25 +56,22 @@ OPENERS = frozenset(["(", "[", "“", "‘"])
 APOSTROPHES = frozenset(["'", "’"])
 #: What follows the apostrophe of a contraction: i'm, don't, it's, we're, i've, you'll, he'd.
 CONTRACTIONS = frozenset(["s", "t", "m", "d", "re", "ve", "ll"])
+#: Words ending in "s" that are not plurals: an apostrophe after them opens or closes a quote.
+NOT_PLURAL = frozenset(["is", "was", "as", "has", "his", "this", "its", "us", "yes", "says", "does", "goes", "thus",
+                        "always", "perhaps", "towards", "upwards", "besides", "unless", "whereas"])  # fmt: skip
 
 
 def _word(token: str) -> bool:
     return bool(token) and token[0].isalnum() and token[-1].isalnum()
 
 
-def tidy(text: str) -> str:
-    """Undo WordPiece's spaces around punctuation: ``" i ' m here , " he said`` -> ``"i'm here," he said``.
+def glue(words: list[str]) -> list[bool]:
+    """For each word, whether it is written without a space before it (see ``tidy``).
 
-    ``.,;:!?)]`` join the word before, ``([`` the word after. Double quotes
-    pair up in order (opening, closing); a last unpaired one opens when text
-    follows it and closes otherwise. An apostrophe between a word and a
-    contraction's ending joins both (``don't``); otherwise it closes an open
-    single quote, makes a plural possessive after a word ending in ``s``
-    (``dogs' bones``), or opens a quote before a word (``said 'yes' and``).
-    A single ``-`` between words joins them (``well-known``), ``- -`` is ``--``.
-    Each rule only removes the space next to the mark it is about.
+    Word ``i``'s answer depends only on words ``i - 1``, ``i`` and ``i + 1``
+    and on the quotes opened before it, so it is final once word ``i + 1``
+    is: a stream can print all but its last two words.
     """
-    words = text.split()
     glued = [False] * (len(words) + 1)  # glued[i]: no space before words[i]
     double_open = single_open = False
     for i, w in enumerate(words):
@@ -87,7 +93,7 @@ def tidy(text: str) -> str:
                 left = right = True
             elif single_open:
                 left, single_open = True, False
-            elif _word(prev) and prev.endswith("s") and _word(nxt):
+            elif _word(prev) and prev.endswith("s") and prev not in NOT_PLURAL and _word(nxt):
                 left = True
             elif _word(nxt):
                 right, single_open = True, True
@@ -100,7 +106,24 @@ def tidy(text: str) -> str:
                 left = right = True
         glued[i] = glued[i] or left
         glued[i + 1] = glued[i + 1] or right
-    return "".join(w if i == 0 or glued[i] else " " + w for i, w in enumerate(words))
+    glued[0] = True
+    return glued[: len(words)]
+
+
+def tidy(text: str) -> str:
+    """Undo WordPiece's spaces around punctuation: ``" i ' m here , " he said`` -> ``"i'm here," he said``.
+
+    ``.,;:!?)]`` join the word before, ``([`` the word after. Double quotes
+    pair up in order (opening, closing); a last unpaired one opens when text
+    follows it and closes otherwise. An apostrophe between a word and a
+    contraction's ending joins both (``don't``); otherwise it closes an open
+    single quote, makes a plural possessive after a word ending in ``s``
+    (``dogs' bones``), or opens a quote before a word (``said 'yes' and``).
+    A single ``-`` between words joins them (``well-known``), ``- -`` is ``--``.
+    Each rule only removes the space next to the mark it is about.
+    """
+    words = text.split()
+    return "".join(w if g else " " + w for w, g in zip(words, glue(words), strict=True))
 
 
 def repetition(ids: list[int]) -> dict:
@@ -134,15 +157,126 @@ def use_xla(jit_compile: str, total_new_tokens: int) -> bool:
     return total_new_tokens >= 1500
 
 
+@dataclass
+class Piece:
+    """A stretch of streamed text.
+
+    ``parts`` splits it by token, with the probability each had (None: a
+    space); ``probabilities`` are those of the tokens that end in this piece.
+    """
+
+    text: str
+    parts: list[tuple[str, float | None]]
+    probabilities: list[float] = field(default_factory=list)
+
+
+class Rendered:
+    """Token ids as readable text, knowing which characters each token wrote.
+
+    The text is the tokenizer's detokenization (pieces joined by spaces,
+    ``##`` pieces joined to the word before, ``[PAD]``/``[BOS]`` left out)
+    made readable by ``tidy``.
+    """
+
+    def __init__(self, ids: list[int], vocabulary: list[str], skip: set[int]):
+        words: list[str] = []
+        where: list[tuple[int, int, int] | None] = []  # per token: word, offset in it, length
+        for i in ids:
+            if i in skip:
+                where.append(None)
+                continue
+            piece = vocabulary[i] if 0 <= i < len(vocabulary) else "[UNK]"
+            if piece.startswith("##") and words:
+                where.append((len(words) - 1, len(words[-1]), len(piece) - 2))
+                words[-1] += piece[2:]
+            else:
+                where.append((len(words), 0, len(piece)))
+                words.append(piece)
+        self.words = words
+        self.raw = " ".join(words)
+        text, starts, segments = "", [], []  # segments: where each word's text begins, with its space
+        for w, glued in zip(words, glue(words), strict=True):
+            segments.append(len(text))
+            text += w if glued else " " + w
+            starts.append(len(text) - len(w))
+        self.text = text
+        self.segments = segments
+        self.spans = [None if w is None else (starts[w[0]] + w[1], starts[w[0]] + w[1] + w[2]) for w in where]
+
+    def settled(self) -> int:
+        """Characters that no later token can change: all but the last two words."""
+        return self.segments[-2] if len(self.words) >= 2 else 0
+
+    def ending(self, start: int, end: int, probabilities: list[float]) -> list[float]:
+        """Probabilities of the tokens whose text ends in ``text[start:end]`` (each token in one piece only)."""
+        return [p for span, p in zip(self.spans, probabilities, strict=False) if span and start < span[1] <= end]
+
+    def parts(self, start: int, end: int, probabilities: list[float]) -> list[tuple[str, float | None]]:
+        """``text[start:end]`` split by token, each part with its token's probability (None between tokens)."""
+        parts, at = [], start
+        for span, p in zip(self.spans, probabilities, strict=False):
+            if span is None or span[1] <= start or span[0] >= end:
+                continue
+            a, b = max(span[0], start), min(span[1], end)
+            if a > at:
+                parts.append((self.text[at:a], None))
+            parts.append((self.text[a:b], p))
+            at = b
+        if at < end:
+            parts.append((self.text[at:end], None))
+        return parts
+
+
+def first_stop(
+    ids: list[int], stops: tuple[str, ...], vocabulary: list[str], skip: set[int], start: int = 0, final: bool = True
+):
+    """``(tokens, characters)`` to keep when the text of ``ids[:m]`` first holds a stop text, else None.
+
+    ``m`` is the first token count (after ``start``) whose settled text (see
+    ``Rendered.settled``; all of it for the whole of ``ids`` when ``final``)
+    contains one of ``stops``; the text is kept up to where that stop begins.
+    Settled text never changes, so a stop is never found in spacing that a
+    later word would undo (a quote that turns out to open, not close).
+    """
+    if not stops:
+        return None
+    for m in range(start + 1, len(ids) + 1):
+        rendered = Rendered(ids[:m], vocabulary, skip)
+        text = rendered.text if final and m == len(ids) else rendered.text[: rendered.settled()]
+        found = [text.find(s) for s in stops if s in text]
+        if found:
+            return m, min(found)
+    return None
+
+
+NO_CONTROLS = Controls()
+
+
 class Generator:
-    """Turns prompts into text with a trained model and its tokenizer."""
+    """Turns prompts into text with a trained model and its tokenizer.
+
+    Every sampler but beam search runs the same compiled loop: ``prefill``
+    fills the key/value cache from the prompt, ``chunk`` makes ``steps``
+    tokens (a ``while_loop`` over the model's cached ``next_logits``, the
+    decoding controls and the KerasHub sampler's ``compute_probabilities`` and
+    ``get_next_token``). ``run`` makes all tokens in one chunk; ``stream``
+    in growing chunks, yielding text as it comes; the same seed gives the
+    same tokens both ways. Beam search runs KerasHub's ``BeamSampler`` loop
+    through ``MiniGPTCausalLM.generate_step``.
+    """
+
+    #: Chunk sizes of a stream: a first token at once, then longer compiled runs.
+    CHUNKS = (1, 2, 4, 8, 16)
 
     def __init__(self, model: MiniGPTCausalLM, tokenizer: MiniGPTTokenizer, jit_compile: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.jit_compile = jit_compile
+        self.vocabulary = [str(t) for t in tokenizer.get_vocabulary()]
         self.bos = tokenizer.token_to_id(BOS)
-        self.strip_ids = {tokenizer.token_to_id(PAD), self.bos}
+        self.pad = tokenizer.token_to_id(PAD)
+        self.strip_ids = {self.pad, self.bos}
+        self._loops: dict = {}
 
     @property
     def seq_len(self) -> int:
@@ -162,8 +296,24 @@ class Generator:
             )
         return encoded, min(max_tokens, self.seq_len - longest)
 
-    def _function(self, sampler, xla: bool):
+    def render(self, ids: list[int]) -> Rendered:
+        return Rendered(ids, self.vocabulary, self.strip_ids)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.render(ids).raw
+
+    # --- compiled functions ---------------------------------------------------------------------------
+
+    def _processor(self, spec: SamplerSpec, controls: Controls):
+        from minigpt_cli.logits import logits_processor
+
+        vocab_size = self.model.backbone.vocabulary_size
+        return logits_processor(controls, spec.temperature, vocab_size, exempt=(self.pad, self.bos))
+
+    def _function(self, sampler, xla: bool, process=None):
+        """KerasHub's sampler loop (``generate_step``) in one ``tf.function``: used for beam search."""
         self.model.sampler = sampler
+        self.model.logits_processor = process
         spec = {
             "token_ids": tf.TensorSpec([None, None], tf.int32),
             "padding_mask": tf.TensorSpec([None, None], tf.bool),
@@ -173,7 +323,60 @@ class Generator:
             lambda x: self.model.generate_step(x)["token_ids"], jit_compile=xla, input_signature=[spec], autograph=False
         )
 
-    def run(self, prompts: list[str], spec: SamplerSpec, max_tokens: int) -> list[Sample]:
+    def _loop(self, spec: SamplerSpec, controls: Controls, xla: bool):
+        """``(sampler, prefill, chunk)`` for these settings, made once and kept (the seed is set per use)."""
+        key = (replace(spec, seed=None), replace(controls, stop=()), xla)
+        if key in self._loops:
+            return self._loops[key]
+        model, sampler, process = self.model, spec.build(), self._processor(spec, controls)
+        bos, end_at_bos = self.bos, controls.end_at_paragraph
+        ids_spec = tf.TensorSpec([None, None], tf.int32)
+        cache_spec = tf.TensorSpec([None, None], model.compute_dtype)
+
+        @tf.function(jit_compile=xla, input_signature=[ids_spec], autograph=False)
+        def prefill(token_ids):
+            return model._build_cache(token_ids)[1]
+
+        @tf.function(
+            jit_compile=xla,
+            input_signature=[ids_spec, cache_spec, tf.TensorSpec([], tf.int32), tf.TensorSpec([None, None], tf.bool),
+                             tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([], tf.int32)],
+            autograph=False,
+        )  # fmt: skip
+        def chunk(token_ids, cache, index, mask, probs, steps):
+            def cond(token_ids, cache, index, probs):
+                if not end_at_bos:
+                    return tf.constant(True)
+                ended = tf.reduce_any(tf.logical_and(tf.equal(token_ids, bos), tf.logical_not(mask)), axis=-1)
+                return tf.logical_not(tf.reduce_all(ended))
+
+            def body(token_ids, cache, index, probs):
+                logits, _, cache = model.next_logits(token_ids, cache, index, process)
+                dist = sampler.compute_probabilities(logits)
+                token = tf.cast(sampler.get_next_token(dist), tf.int32)
+                token = tf.where(mask[:, index], token_ids[:, index], token)[:, None]
+                chosen = tf.gather(dist, token, axis=1, batch_dims=1)
+                token_ids = ops.slice_update(token_ids, [0, index], token)
+                probs = ops.slice_update(probs, [0, index], chosen)
+                return token_ids, cache, index + 1, probs
+
+            return tf.while_loop(cond, body, (token_ids, cache, index, probs), maximum_iterations=steps)
+
+        self._loops[key] = (sampler, prefill, chunk)
+        return self._loops[key]
+
+    @staticmethod
+    def _seed(sampler, spec: SamplerSpec) -> None:
+        """Put the sampler's random state where a fresh sampler with ``spec.seed`` starts."""
+        if sampler.variables:
+            for variable, value in zip(sampler.variables, spec.build().variables, strict=True):
+                variable.assign(value.numpy())
+
+    # --- generation -----------------------------------------------------------------------------------
+
+    def run(
+        self, prompts: list[str], spec: SamplerSpec, max_tokens: int, controls: Controls = NO_CONTROLS
+    ) -> list[Sample]:
         """One sample per prompt, made in one batched call (beam search: one per prompt length).
 
         Beam search runs once per group of prompts of equal length: KerasHub's
@@ -186,60 +389,101 @@ class Generator:
         encoded, new_tokens = self.fit_lengths(prompts, max_tokens)
         beams = spec.num_beams if spec.name == "beam" else 1
         xla = use_xla(self.jit_compile, len(prompts) * new_tokens * beams)
+        made = self._beam if spec.name == "beam" else self._sample
+        new, probs, seconds, compile_seconds, tokens = made(encoded, spec, controls, new_tokens, xla)
+        rate = tokens / seconds if seconds > 0 else float("inf")
+        return [
+            self._finish(prompts[row], ids, p, spec, controls, rate, seconds, compile_seconds)
+            for row, (ids, p) in enumerate(zip(new, probs, strict=True))
+        ]
+
+    def _finish(self, prompt, ids, probs, spec, controls, rate, seconds, compile_seconds) -> Sample:
+        """The sample of these new tokens, ended where the controls end it."""
+        stopped = "length"
+        if controls.end_at_paragraph and self.bos in ids:
+            cut = ids.index(self.bos)
+            ids, probs, stopped = ids[:cut], probs[:cut], "paragraph"
+        rendered = self.render(ids)
+        text = rendered.text
+        hit = first_stop(ids, controls.stop, self.vocabulary, self.strip_ids)
+        if hit:
+            m, chars = hit
+            ids, probs, stopped = ids[:m], probs[:m], "stop"
+            rendered = self.render(ids)
+            text = rendered.text[:chars]
+        return Sample(
+            prompt=prompt,
+            text=text,
+            token_ids=ids,
+            sampler=spec.name,
+            settings={**spec.settings(), **controls.settings()},
+            tokens_per_second=rate,
+            seconds=seconds,
+            compile_seconds=compile_seconds,
+            raw_text=rendered.raw,
+            stats=repetition(ids),
+            probabilities=probs,
+            stopped=stopped,
+        )
+
+    def _buffers(self, encoded: list[list[int]], length: int):
+        token_ids = np.zeros((len(encoded), length), dtype="int32")
+        mask = np.zeros((len(encoded), length), dtype=bool)
+        for row, ids in enumerate(encoded):
+            token_ids[row, : len(ids)] = ids
+            mask[row, : len(ids)] = True
+        return tf.constant(token_ids), tf.constant(mask), tf.zeros((len(encoded), length), tf.float32)
+
+    def _sample(self, encoded, spec, controls, new_tokens, xla):
+        """New tokens and their probabilities per prompt, the seconds they took, the compile's, and tokens made."""
+        sampler, prefill, chunk = self._loop(spec, controls, xla)
+        token_ids, mask, probs = self._buffers(encoded, max(len(e) for e in encoded) + new_tokens)
+        start = min(len(e) for e in encoded)
+        steps = token_ids.shape[1] - start
+        t0 = time.perf_counter()
+        chunk(token_ids, prefill(token_ids), start, mask, probs, 0)  # trace or compile; runs no step
+        warm = time.perf_counter() - t0
+        self._seed(sampler, spec)
+        t0 = time.perf_counter()
+        out, _, end, p = chunk(token_ids, prefill(token_ids), start, mask, probs, steps)
+        out, p = out.numpy(), p.numpy()
+        seconds = time.perf_counter() - t0
+        made = len(encoded) * (int(end) - start)  # fewer than asked when every row ended at a [BOS]
+        new = [[int(i) for i in out[row, len(e) : len(e) + new_tokens]] for row, e in enumerate(encoded)]
+        chosen = [[float(x) for x in p[row, len(e) : len(e) + new_tokens]] for row, e in enumerate(encoded)]
+        return new, chosen, seconds, warm, made
+
+    def _beam(self, encoded, spec, controls, new_tokens, xla):
         sampler = spec.build()
-        fn = self._function(sampler, xla)
-        if spec.name == "beam":
-            groups: dict[int, list[int]] = {}
-            for row, ids in enumerate(encoded):
-                groups.setdefault(len(ids), []).append(row)
-            batches = list(groups.values())
-        else:
-            batches = [list(range(len(encoded)))]
+        fn = self._function(sampler, xla, self._processor(spec, controls))
+        groups: dict[int, list[int]] = {}
+        for row, ids in enumerate(encoded):
+            groups.setdefault(len(ids), []).append(row)
         new: list[list[int]] = [[] for _ in encoded]
         seconds = compile_seconds = 0.0
-        for rows in batches:
-            out, took, compiling = self._generate(fn, sampler, [encoded[r] for r in rows], new_tokens, xla)
-            seconds += took
-            compile_seconds += compiling
-            for row, ids in zip(rows, out, strict=True):
-                new[row] = ids
-        samples = []
-        for row, ids in enumerate(new):
-            raw = self.detokenize(ids)
-            samples.append(
-                Sample(
-                    prompt=prompts[row],
-                    text=tidy(raw),
-                    token_ids=ids,
-                    sampler=spec.name,
-                    settings=spec.settings(),
-                    tokens_per_second=len(prompts) * new_tokens / seconds if seconds > 0 else float("inf"),
-                    seconds=seconds,
-                    compile_seconds=compile_seconds,
-                    raw_text=raw,
-                    stats=repetition(ids),
-                )
-            )
-        return samples
+        try:
+            for rows in groups.values():
+                out, took, compiling = self._generate(fn, sampler, [encoded[r] for r in rows], new_tokens, xla)
+                seconds += took
+                compile_seconds += compiling
+                for row, ids in zip(rows, out, strict=True):
+                    new[row] = ids
+        finally:
+            self.model.logits_processor = None
+        return new, [[None] * len(ids) for ids in new], seconds, compile_seconds, len(encoded) * new_tokens
 
     def _generate(
         self, fn, sampler, encoded: list[list[int]], new_tokens: int, xla: bool
     ) -> tuple[list[list[int]], float, float]:
-        """The new tokens of each prompt, the seconds they took, and the seconds spent compiling first.
+        """The new tokens of each prompt (KerasHub's loop), the seconds they took, and the seconds compiling first.
 
         The compile (or trace) runs the sampler once; its random state is put
         back before the timed call, so the tokens do not depend on whether or
         how the loop was compiled.
         """
         longest = max(len(e) for e in encoded)
-        length = longest + new_tokens
-        token_ids = np.zeros((len(encoded), length), dtype="int32")
-        prompt_mask = np.zeros((len(encoded), length), dtype=bool)
-        for row, ids in enumerate(encoded):
-            token_ids[row, : len(ids)] = ids
-            prompt_mask[row, : len(ids)] = True
-        inputs = {"token_ids": tf.constant(token_ids), "padding_mask": tf.constant(prompt_mask)}
-
+        token_ids, prompt_mask, _ = self._buffers(encoded, longest + new_tokens)
+        inputs = {"token_ids": token_ids, "padding_mask": prompt_mask}
         state = [v.numpy() for v in sampler.variables]
         t0 = time.perf_counter()
         if xla:
@@ -257,9 +501,91 @@ class Generator:
         new = [[int(i) for i in out[row, len(ids) : len(ids) + new_tokens]] for row, ids in enumerate(encoded)]
         return new, seconds, compile_seconds
 
-    def detokenize(self, ids: list[int]) -> str:
-        kept = [i for i in ids if i not in self.strip_ids]
-        if not kept:
-            return ""
-        text = self.tokenizer.detokenize(np.asarray(kept, dtype="int32"))
-        return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+    def stream(
+        self,
+        prompt: str,
+        spec: SamplerSpec,
+        max_tokens: int,
+        controls: Controls = NO_CONTROLS,
+        length: int | None = None,
+    ) -> Stream:
+        """Text as it is made, a piece per compiled chunk (see ``Stream``); beam search is refused."""
+        return Stream(self, prompt, spec, max_tokens, controls, length)
+
+
+class Stream:
+    """Iterating gives ``Piece``s of text as the tokens come; ``sample`` holds the whole ``Sample`` at the end.
+
+    Tokens come in compiled chunks of ``Generator.CHUNKS`` tokens (the last
+    size repeats). A piece holds only text no later token can change (all
+    but the last two words, and nothing a stop text could still begin in),
+    so the pieces add up to exactly the text ``Generator.run`` gives.
+    ``length`` sets the token buffer's length (default: prompt + new tokens);
+    a fixed one (the model's window) lets XLA compile once for every prompt.
+
+    >>> for piece in gen.stream("the king", SamplerSpec("topk", seed=1), 40):  # doctest: +SKIP
+    ...     print(piece.text, end="", flush=True)
+    """
+
+    def __init__(self, gen: Generator, prompt: str, spec: SamplerSpec, max_tokens: int, controls: Controls,
+                 length: int | None = None):  # fmt: skip
+        if spec.name == "beam":
+            raise MinigptError("beam search cannot stream (its best beam changes until the end); drop --stream")
+        spec.check(vocab_size=gen.model.backbone.vocabulary_size)
+        self.gen, self.prompt, self.spec, self.controls = gen, prompt, spec, controls
+        (self.encoded,), self.new_tokens = gen.fit_lengths([prompt], max_tokens)
+        self.length = max(length or 0, len(self.encoded) + self.new_tokens)
+        self.sample: Sample | None = None
+        self.first_token_seconds = float("nan")
+
+    def __iter__(self):
+        gen, spec, controls, start = self.gen, self.spec, self.controls, len(self.encoded)
+        xla = use_xla(gen.jit_compile, self.new_tokens)
+        t0 = time.perf_counter()
+        sampler, prefill, chunk = gen._loop(spec, controls, xla)
+        gen._seed(sampler, spec)
+        token_ids, mask, probs = gen._buffers([self.encoded], self.length)
+        cache = prefill(token_ids)
+        index, emitted, checked, sizes = start, 0, 0, iter(Generator.CHUNKS)
+        size = Generator.CHUNKS[0]
+        ids: list[int] = []
+        chosen: list[float] = []
+        stopped = "length"
+        longest_stop = max((len(s) for s in controls.stop), default=0)
+        while index < start + self.new_tokens:
+            size = next(sizes, size)
+            steps = min(size, start + self.new_tokens - index)
+            token_ids, cache, end, probs = chunk(token_ids, cache, index, mask, probs, steps)
+            end = int(end)
+            row, p = token_ids[0, index:end].numpy(), probs[0, index:end].numpy()
+            if index == start:
+                self.first_token_seconds = time.perf_counter() - t0
+            index = end
+            ids += [int(i) for i in row]
+            chosen += [float(x) for x in p]
+            final, keep = index >= start + self.new_tokens or steps == 0, None
+            if controls.end_at_paragraph and gen.bos in ids:
+                cut = ids.index(gen.bos)
+                ids, chosen, final, stopped = ids[:cut], chosen[:cut], True, "paragraph"
+            hit = first_stop(ids, controls.stop, gen.vocabulary, gen.strip_ids, start=checked, final=final)
+            checked = len(ids)
+            if hit:
+                (m, keep), final, stopped = hit, True, "stop"
+                ids, chosen = ids[:m], chosen[:m]
+            rendered = gen.render(ids)
+            if final:
+                limit = len(rendered.text) if keep is None else keep
+            else:
+                limit = max(emitted, rendered.settled() - max(longest_stop - 1, 0))
+            if limit > emitted:
+                parts, ending = rendered.parts(emitted, limit, chosen), rendered.ending(emitted, limit, chosen)
+                yield Piece(rendered.text[emitted:limit], parts, ending)
+                emitted = limit
+            if final:
+                break
+        seconds = time.perf_counter() - t0
+        text = gen.render(ids).text
+        rate = len(ids) / seconds if seconds > 0 else float("inf")
+        self.sample = gen._finish(self.prompt, ids, chosen, spec, replace(controls, stop=()), rate, seconds, 0.0)
+        self.sample.text, self.sample.stopped = text[:emitted], stopped
+        self.sample.settings = {**spec.settings(), **controls.settings()}

@@ -254,22 +254,32 @@ class MiniGPTCausalLM(keras_hub.models.CausalLM):
         _, hidden_states, cache = self.call_with_cache(token_ids, cache, 0, key_mask)
         return hidden_states, cache
 
+    #: Set by ``Generator`` to apply decoding controls: ``process(logits, tokens, index) -> logits``.
+    logits_processor = None
+
+    def next_logits(self, tokens, cache, index, process=None):
+        """The logits for position ``index`` of ``tokens``, from the cache and the token before it.
+
+        ``process(logits, tokens, index)`` reshapes them (decoding controls).
+        Returns ``(logits, hidden_state, cache)`` as KerasHub samplers' ``next`` does.
+        """
+        cache_update_index = index - 1
+        batch_size = ops.shape(tokens)[0]
+        key_mask = ops.not_equal(tokens, 0)
+        token = ops.slice(tokens, [0, cache_update_index], [batch_size, 1])
+        logits, hidden, cache = self.call_with_cache(token, cache, cache_update_index, key_mask)
+        logits = ops.squeeze(logits, axis=1)
+        if process is not None:
+            logits = process(logits, tokens, index)
+        return logits, ops.squeeze(hidden, axis=1), cache
+
     def generate_step(self, inputs, stop_token_ids=None):
         """Fill every position past each prompt with sampled tokens (XLA-compilable)."""
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
         hidden_states, cache = self._build_cache(token_ids)
         index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
-
-        def next(prompt, cache, index):
-            cache_update_index = index - 1
-            batch_size = ops.shape(prompt)[0]
-            key_mask = ops.not_equal(prompt, 0)
-            prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
-            logits, hidden, cache = self.call_with_cache(prompt, cache, cache_update_index, key_mask)
-            return ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1), cache
-
         token_ids = self.sampler(
-            next=next,
+            next=lambda tokens, cache, index: self.next_logits(tokens, cache, index, self.logits_processor),
             prompt=token_ids,
             cache=cache,
             index=index,

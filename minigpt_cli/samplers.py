@@ -1,7 +1,8 @@
-"""Sampler choice and settings, checked before any TensorFlow is loaded.
+"""Sampler choice, decoding controls and their settings, checked before any TensorFlow is loaded.
 
-``sampler_spec`` is the one place where the config's ``[generate]`` section
-and command-line flags become a checked ``SamplerSpec``.
+``sampler_spec`` and ``controls`` are the one place where the config's
+``[generate]`` section and command-line flags become a checked ``SamplerSpec``
+and ``Controls``.
 """
 
 from __future__ import annotations
@@ -106,4 +107,76 @@ def sampler_spec(
         temperature=gen.temperature if temperature is None else temperature,
         seed=random.SystemRandom().randrange(SEED_LIMIT) if seed is None else seed,
         top_p_candidates=gen.top_p_candidates,
+    ).check()
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What shapes the logits before any sampler sees them, and where a text ends.
+
+    - ``repetition_penalty``: logits of tokens already in the prompt or the
+      text so far are divided by it when positive and multiplied by it when
+      negative (CTRL's rule; 1 is off, above 1 discourages repeats).
+    - ``no_repeat_ngram``: ``n`` > 0 bans every token that would complete an
+      ``n``-gram already in the prompt or text (0 is off).
+    - ``min_p``: keeps the tokens whose probability (after temperature) is
+      at least ``min_p`` times the likeliest's (0 is off).
+    - ``stop``: the text ends before the first of these strings it contains.
+    - ``end_at_paragraph``: the text ends at the first ``[BOS]`` the model
+      writes (packed training puts one between paragraphs).
+    """
+
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
+    min_p: float = 0.0
+    end_at_paragraph: bool = False
+
+    def check(self) -> Controls:
+        if any(not text for text in self.stop):
+            raise MinigptError("--stop needs a non-empty text")
+        if not self.repetition_penalty > 0:
+            raise MinigptError(f"--repetition-penalty must be above 0 (1 is off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram < 0:
+            raise MinigptError(f"--no-repeat-ngram must be 0 (off) or more, got {self.no_repeat_ngram}")
+        if not 0 <= self.min_p <= 1:
+            raise MinigptError(f"--min-p must be in [0, 1] (0 is off), got {self.min_p}")
+        return self
+
+    @property
+    def shapes_logits(self) -> bool:
+        return self.repetition_penalty != 1 or self.no_repeat_ngram > 0 or self.min_p > 0
+
+    def settings(self) -> dict:
+        """The controls that are on (for display and --json)."""
+        s: dict = {}
+        if self.stop:
+            s["stop"] = list(self.stop)
+        if self.repetition_penalty != 1:
+            s["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram:
+            s["no_repeat_ngram"] = self.no_repeat_ngram
+        if self.min_p:
+            s["min_p"] = self.min_p
+        if self.end_at_paragraph:
+            s["end_at_paragraph"] = True
+        return s
+
+
+def controls(
+    gen: GenerateConfig,
+    *,
+    stop: list[str] | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram: int | None = None,
+    min_p: float | None = None,
+    end_at_paragraph: bool | None = None,
+) -> Controls:
+    """The checked decoding controls: the config's ``[generate]`` section, overridden by any value given."""
+    return Controls(
+        stop=tuple(gen.stop if not stop else stop),
+        repetition_penalty=gen.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        no_repeat_ngram=gen.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
+        min_p=gen.min_p if min_p is None else min_p,
+        end_at_paragraph=gen.end_at_paragraph if end_at_paragraph is None else end_at_paragraph,
     ).check()
