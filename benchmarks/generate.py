@@ -5,12 +5,16 @@ Same weights, same sampler, same prompt ([BOS]) and length, in one run:
     python benchmarks/generate.py --run-dir runs/simplebooks     # a trained run
     python benchmarks/generate.py                                # random reference-size weights
     python benchmarks/generate.py --run-dir runs/simplebooks --cli   # + whole-command timings
+    python benchmarks/generate.py --top-p-vs-top-k               # top-p against top-k, several p and T
 
 The reference loop is the KerasHub example's: ``model(prompt)[:, index - 1, :]``
 on the whole window for every new token, run eagerly. Ours is the model's
 cached ``generate_step`` in one compiled function (XLA and plain graph).
-Top-p speed depends on how peaked the model's distribution is, so measure it
-on a trained run.
+Top-p speed depends on how peaked the model's distribution is: random
+weights give a flat one (the worst case), a trained run a peaked one.
+``--top-p-vs-top-k`` times top-p at several ``p`` and temperatures against
+top-k (``k=10``) at the same temperature, XLA and graph, in interleaved
+rounds (the best of ``--repeat`` counts), each function compiled once.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def speed(args) -> None:
     ):
         table.add_column(col, justify="right")
     for name in args.samplers:
-        spec = SamplerSpec(name, k=10, p=0.5, num_beams=10, seed=args.seed, top_p_candidates=args.top_p_candidates)
+        spec = SamplerSpec(name, k=10, p=0.5, num_beams=10, seed=args.seed)
         ref_seconds, ref_ids = best_reference(model, spec, args.tokens, args.repeat)
         ref_tps = args.tokens / ref_seconds
         results = {}
@@ -185,6 +189,72 @@ def one_shot(args, console) -> None:
         )
 
 
+def sampler_loop(model, sampler, xla: bool):
+    """The model's cached KerasHub loop (``generate_step``) with ``sampler``, in one ``tf.function``."""
+    import tensorflow as tf
+
+    model.sampler = sampler
+    spec = {
+        "token_ids": tf.TensorSpec([None, None], tf.int32),
+        "padding_mask": tf.TensorSpec([None, None], tf.bool),
+    }
+    return tf.function(
+        lambda x: model.generate_step(x)["token_ids"], jit_compile=xla, input_signature=[spec], autograph=False
+    )
+
+
+def top_p_vs_top_k(args) -> None:
+    """Top-p's tokens/s against top-k's at the same temperature; ratio = top-p / top-k."""
+    import numpy as np
+    import tensorflow as tf
+    from rich.console import Console
+    from rich.table import Table
+
+    from minigpt_cli.samplers import SamplerSpec
+    from minigpt_cli.vocab import BOS
+
+    tf.get_logger().setLevel("ERROR")  # one tf.function per sampler is the point here, not a retracing bug
+    model, tokenizer, source = load(args.run_dir, args.seed)
+    console = Console()
+    console.print(f"machine: {machine()}")
+    console.print(
+        f"model: {model.count_params():,} parameters ({source}); {args.tokens} new tokens from [BOS], batch 1; "
+        f"best of {args.repeat} interleaved rounds; top-k k={args.k}; ratio = top-p tok/s / top-k tok/s"
+    )
+    token_ids = np.zeros((1, args.tokens + 1), dtype="int32")
+    token_ids[0, 0] = tokenizer.token_to_id(BOS)
+    mask = np.zeros_like(token_ids, dtype=bool)
+    mask[0, 0] = True
+    inputs = {"token_ids": tf.constant(token_ids), "padding_mask": tf.constant(mask)}
+    table = Table()
+    for col in ["mode", "T", "top-k tok/s"] + [f"top-p {p:g}" for p in args.ps]:
+        table.add_column(col, justify="right")
+    worst = float("inf")
+    for xla in (True, False):
+        for t in args.temperatures:
+            specs = [SamplerSpec("topk", k=args.k, temperature=t, seed=args.seed)] + [
+                SamplerSpec("topp", p=p, temperature=t, seed=args.seed) for p in args.ps
+            ]
+            fns = []
+            for spec in specs:
+                fn = sampler_loop(model, spec.build(), xla)
+                fn(inputs).numpy()  # compile (XLA) or trace (graph) now, while the model holds this sampler
+                fns.append(fn)
+            best = [float("inf")] * len(fns)
+            for _ in range(args.repeat):  # interleaved: a noisy moment hits every sampler alike
+                for i, fn in enumerate(fns):
+                    t0 = time.perf_counter()
+                    fn(inputs).numpy()
+                    best[i] = min(best[i], time.perf_counter() - t0)
+            tps = [args.tokens / s for s in best]
+            ratios = [x / tps[0] for x in tps[1:]]
+            worst = min(worst, *ratios)
+            cells = [f"{x:,.0f} ({r:.2f}x)" for x, r in zip(tps[1:], ratios, strict=True)]
+            table.add_row("XLA" if xla else "graph", f"{t:g}", f"{tps[0]:,.0f}", *cells)
+    console.print(table)
+    console.print(f"slowest top-p / top-k: {worst:.2f}x (top-k is {1 / worst:.2f}x as fast)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="a trained run (default: random weights)")
@@ -193,11 +263,20 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs of the reference and of ours per mode; the fastest counts"
     )
-    parser.add_argument("--top-p-candidates", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cli", action="store_true", help="also time whole generate commands")
     parser.add_argument("--cli-repeat", type=int, default=3)
-    speed(parser.parse_args())
+    parser.add_argument(
+        "--top-p-vs-top-k", action="store_true", help="time top-p against top-k instead of the reference loop"
+    )
+    parser.add_argument("--ps", type=float, nargs="+", default=[0.5, 0.9, 0.95, 1.0], help="top-p's p values")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0, 1.5])
+    parser.add_argument("--k", type=int, default=10, help="top-k's k for --top-p-vs-top-k")
+    args = parser.parse_args()
+    if args.top_p_vs_top_k:
+        top_p_vs_top_k(args)
+    else:
+        speed(args)
 
 
 if __name__ == "__main__":

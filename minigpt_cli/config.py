@@ -93,7 +93,6 @@ class GenerateConfig:
     p: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     num_beams: int = field(default=10, metadata=_range(1))
     temperature: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
-    top_p_candidates: int = field(default=128, metadata=_range(1))
     jit_compile: Switch = "auto"
     stop: list[str] = field(default_factory=list)
     repetition_penalty: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
@@ -144,6 +143,8 @@ def all_keys() -> list[str]:
 RETIRED = {
     "data.packing": 'it is now data.windows: "packed" (packing = true) or "reference" (packing = false)',
     "data.shuffle_buffer": "it had no effect and was removed: batches are shuffled by (seed, epoch, step); delete it",
+    "generate.top_p_candidates": "top-p no longer sorts candidates (it finds its cut-off exactly without sorting); "
+    "delete it",
 }
 
 
@@ -220,6 +221,9 @@ def _migrate(data: dict[str, Any]) -> dict[str, Any]:
         if "packing" in section:
             section.setdefault("windows", "packed" if section.pop("packing") is True else "reference")
         data = {**data, "data": section}
+    section = data.get("generate")
+    if isinstance(section, dict) and "top_p_candidates" in section:
+        data = {**data, "generate": {k: v for k, v in section.items() if k != "top_p_candidates"}}
     return data
 
 

@@ -225,14 +225,16 @@ def top_k_set(probabilities: np.ndarray, k: int) -> np.ndarray:
 
 
 def top_p_set(probabilities: np.ndarray, p: float) -> np.ndarray:
-    """Ids top-p can draw: the likeliest through the first whose float32 cumulative probability passes ``p``
-    (all of them for ``p >= 1``), less any of probability 0."""
+    """Ids top-p can draw, likeliest first: the sampler's own exact rule (``top_p_sampler.top_p_mask``: the
+    likeliest through the first whose cumulative probability passes ``p``), less any of probability 0."""
+    import tensorflow as tf
+
+    from minigpt_cli.top_p_sampler import flush, top_p_mask
+
+    row = tf.constant(np.asarray(probabilities, dtype=np.float32)[None, :])
+    kept = np.asarray(top_p_mask(row, p))[0] & (np.asarray(flush(row))[0] > 0)
     order = np.argsort(-probabilities, kind="stable")
-    if p < 1:
-        cumulative = np.cumsum(probabilities[order].astype(np.float32), dtype=np.float32)
-        keep = np.concatenate([[True], cumulative[:-1] <= np.float32(p)])
-        order = order[keep]
-    return order[probabilities[order] > 0]
+    return order[kept[order]]
 
 
 def _kept(ids: np.ndarray, probabilities: np.ndarray, vocab: Vocabulary) -> KeptSet:

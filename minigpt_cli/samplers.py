@@ -7,6 +7,7 @@ and ``Controls``.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -27,7 +28,6 @@ class SamplerSpec:
     num_beams: int = 10
     temperature: float = 1.0
     seed: int | None = None
-    top_p_candidates: int = 128
 
     def check(self, vocab_size: int | None = None) -> SamplerSpec:
         """Refuse bad settings with one line; with ``vocab_size``, also a top-k ``k`` above it."""
@@ -43,10 +43,8 @@ class SamplerSpec:
             raise MinigptError(f"--p must be in (0, 1], got {self.p}")
         if self.name == "beam" and self.num_beams < 1:
             raise MinigptError(f"--num-beams must be at least 1, got {self.num_beams}")
-        if not self.temperature > 0:
-            raise MinigptError(f"--temperature must be above 0, got {self.temperature}")
-        if self.top_p_candidates < 1:
-            raise MinigptError(f"generate.top_p_candidates must be at least 1, got {self.top_p_candidates}")
+        if not 0 < self.temperature < math.inf:
+            raise MinigptError(f"--temperature must be above 0 and finite, got {self.temperature}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise MinigptError(f"--seed must be in [0, {SEED_LIMIT - 1}] (a 32-bit number), got {self.seed}")
         return self
@@ -69,7 +67,7 @@ class SamplerSpec:
         import keras_hub
 
         from minigpt_cli.random_sampler import InverseCDFRandomSampler, InverseCDFTopKSampler
-        from minigpt_cli.top_p_sampler import CandidateTopPSampler
+        from minigpt_cli.top_p_sampler import ExactTopPSampler
 
         t = self.temperature
         if self.name == "greedy":
@@ -80,7 +78,7 @@ class SamplerSpec:
             return InverseCDFRandomSampler(seed=self.seed, temperature=t)
         if self.name == "topk":
             return InverseCDFTopKSampler(k=self.k, seed=self.seed, temperature=t)
-        return CandidateTopPSampler(p=self.p, k=self.top_p_candidates, seed=self.seed, temperature=t)
+        return ExactTopPSampler(p=self.p, seed=self.seed, temperature=t)
 
 
 def sampler_spec(
@@ -106,7 +104,6 @@ def sampler_spec(
         num_beams=gen.num_beams if num_beams is None else num_beams,
         temperature=gen.temperature if temperature is None else temperature,
         seed=random.SystemRandom().randrange(SEED_LIMIT) if seed is None else seed,
-        top_p_candidates=gen.top_p_candidates,
     ).check()
 
 

@@ -101,6 +101,8 @@ def test_override_beats_file(tmp_path):
         ("data.windows=sliding", ["'data.windows' must be one of reference, packed"]),
         ("data.packing=true", ["'data.packing' is retired", 'data.windows: "packed"']),
         ("data.shuffle_buffer=256", ["'data.shuffle_buffer' is retired"]),
+        ("generate.top_p_candidates=128", ["'generate.top_p_candidates' is retired"]),
+        ('generate.stop=[""]', ["'generate.stop' must not hold an empty string"]),
         ("train.weight_decay=0.1", ["'train.weight_decay' only applies to train.optimizer = \"adamw\""]),
         ('train.devices=["/cpu:0", "/cpu:1"]', ["'train.devices' only applies to train.distribution = \"mirrored\""]),
     ],
@@ -168,3 +170,9 @@ def test_combinations_that_apply_are_accepted():
     cfg = load_config(None, ["train.distribution=mirrored", 'train.devices=["/cpu:0", "/cpu:1"]'])
     assert cfg.train.devices == ["/cpu:0", "/cpu:1"]
     assert load_config(None, ["train.optimizer=adamw"]).train.weight_decay is None  # AdamW's default, 0.01
+
+
+def test_a_run_config_written_with_top_p_candidates_still_loads(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text("[generate]\nsampler = \"topp\"\ntop_p_candidates = 128\n")
+    assert load_config(path).generate.sampler == "topp"

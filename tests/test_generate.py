@@ -12,7 +12,7 @@ from minigpt_cli.generate import Generator, tidy, use_xla
 from minigpt_cli.model import load_model
 from minigpt_cli.random_sampler import InverseCDFTopKSampler
 from minigpt_cli.samplers import SamplerSpec, sampler_spec
-from minigpt_cli.top_p_sampler import CandidateTopPSampler
+from minigpt_cli.top_p_sampler import ExactTopPSampler
 from minigpt_cli.vocab import load_vocabulary, make_tokenizer
 
 
@@ -29,8 +29,7 @@ PROMPTS = ["the king", "", "the old fisherman walked to the"]
 def test_same_seed_same_tokens_with_and_without_xla(trained, name):
     """The compile (XLA) or trace (graph) before the timed call must not shift the random numbers."""
     model, tokenizer = trained
-    # top_p_candidates=3: some steps take the candidates' shortcut, others the full sort.
-    spec = SamplerSpec(name, k=8, p=0.6, seed=5, top_p_candidates=3)
+    spec = SamplerSpec(name, k=8, p=0.6, seed=5)
     graph = Generator(model, tokenizer, jit_compile="false").run(PROMPTS, spec, max_tokens=12)
     xla = Generator(model, tokenizer, jit_compile="true").run(PROMPTS, spec, max_tokens=12)
     assert [s.token_ids for s in xla] == [s.token_ids for s in graph]
@@ -83,10 +82,10 @@ def test_top_k_draws_the_k_likeliest_tokens_renormalized():
     assert np.abs(freq - probs[top] / probs[top].sum()).max() < 0.015
 
 
-def test_top_p_candidates_holding_exactly_p_are_not_enough():
-    """Top-p keeps the token whose cumulative probability passes p: candidates summing to exactly p miss it."""
+def test_top_p_keeps_the_token_that_passes_p():
+    """Top-p keeps the token whose cumulative probability passes p: tokens summing to exactly p are not enough."""
     probs = np.array([0.25, 0.25] + [0.01] * 50)  # float32-exact: the first two hold exactly p = 0.5
-    draws = _draw(CandidateTopPSampler(p=0.5, k=2, seed=4), probs, 6000)
+    draws = _draw(ExactTopPSampler(p=0.5, seed=4), probs, 6000)
     # The full sort keeps tokens 0, 1 and 2 (the first of the tied tokens, where the sum passes 0.5).
     assert set(np.unique(draws)) == {0, 1, 2}
     assert abs((draws == 2).mean() - 0.01 / 0.51) < 0.008
@@ -101,11 +100,10 @@ def test_top_p_one_samples_the_whole_distribution():
     the tail's draws show up in 20,000 draws.
     """
     probs = np.array([0.5, 0.25, 0.25] + [0.0005] * 20)
-    for k in (3, None):  # the candidates' shortcut and the full sort
-        draws = _draw(CandidateTopPSampler(p=1.0, k=k, seed=6), probs, 20000)
-        tail = draws[draws >= 3]
-        assert len(set(tail.tolist())) == 20, k
-        assert abs(len(tail) / len(draws) - 0.01 / 1.01) < 0.003, k
+    draws = _draw(ExactTopPSampler(p=1.0, seed=6), probs, 20000)
+    tail = draws[draws >= 3]
+    assert len(set(tail.tolist())) == 20
+    assert abs(len(tail) / len(draws) - 0.01 / 1.01) < 0.003
 
 
 @pytest.mark.parametrize(
@@ -133,10 +131,10 @@ def test_tidy(raw, expected):
 
 
 def test_sampler_spec_takes_the_config_then_the_flags():
-    gen = GenerateConfig(sampler="topp", k=7, p=0.3, num_beams=3, temperature=0.5, top_p_candidates=16)
+    gen = GenerateConfig(sampler="topp", k=7, p=0.3, num_beams=3, temperature=0.5)
     spec = sampler_spec(gen, seed=1)
-    got = (spec.name, spec.k, spec.p, spec.num_beams, spec.temperature, spec.top_p_candidates, spec.seed)
-    assert got == ("topp", 7, 0.3, 3, 0.5, 16, 1)
+    got = (spec.name, spec.k, spec.p, spec.num_beams, spec.temperature, spec.seed)
+    assert got == ("topp", 7, 0.3, 3, 0.5, 1)
     spec = sampler_spec(gen, "topk", k=2, p=0.9, num_beams=5, temperature=2.0, seed=0)
     assert (spec.name, spec.k, spec.p, spec.num_beams, spec.temperature, spec.seed) == ("topk", 2, 0.9, 5, 2.0, 0)
     with pytest.raises(MinigptError, match="--k must be at least 1"):

@@ -12,7 +12,7 @@ from minigpt_cli.generate import Generator, reference_next, repetition, tidy
 from minigpt_cli.model import MiniGPTCausalLM, build_model, load_model
 from minigpt_cli.random_sampler import InverseCDFRandomSampler
 from minigpt_cli.samplers import SamplerSpec
-from minigpt_cli.top_p_sampler import CandidateTopPSampler
+from minigpt_cli.top_p_sampler import ExactTopPSampler
 from minigpt_cli.vocab import load_vocabulary, make_tokenizer
 
 
@@ -100,10 +100,10 @@ def test_cached_equals_reference_when_pad_is_generated():
 def test_seeded_samplers_repeat(trained, name):
     model, tokenizer, _ = trained
     gen = Generator(model, tokenizer)
-    spec = SamplerSpec(name, k=5, p=0.9, seed=11, top_p_candidates=8)
+    spec = SamplerSpec(name, k=5, p=0.9, seed=11)
     first = gen.run(["the king", ""], spec, max_tokens=10)
     again = gen.run(["the king", ""], spec, max_tokens=10)
-    other = gen.run(["the king", ""], SamplerSpec(name, k=5, p=0.9, seed=12, top_p_candidates=8), max_tokens=10)
+    other = gen.run(["the king", ""], SamplerSpec(name, k=5, p=0.9, seed=12), max_tokens=10)
     assert [s.token_ids for s in first] == [s.token_ids for s in again]
     assert [s.token_ids for s in first] != [s.token_ids for s in other]  # the seed is used, not ignored
     assert all(len(s.token_ids) == 10 for s in first)
@@ -122,26 +122,24 @@ def _draw(sampler, probs: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(sampler.get_next_token(keras.ops.convert_to_tensor(batch)))
 
 
-def test_top_p_candidates_give_the_full_sort_distribution():
+def test_top_p_gives_the_full_sort_distribution():
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.full(200, 0.05))
     order = np.argsort(-probs)
     p = 0.6
     cum = np.cumsum(probs[order])
     kept = order[: int(np.searchsorted(cum, p, side="right")) + 1]  # full sort: through the token crossing p
-    k = len(kept) + 3
-    assert probs[order[:k]].sum() >= p
-    draws = _draw(CandidateTopPSampler(p=p, k=k, seed=1), probs, 4000)
+    draws = _draw(ExactTopPSampler(p=p, seed=1), probs, 4000)
     assert set(np.unique(draws)) <= set(kept.tolist())
     expected = probs[kept] / probs[kept].sum()
     freq = np.array([(draws == t).mean() for t in kept])
     assert np.abs(freq - expected).max() < 0.03
 
 
-def test_top_p_falls_back_to_full_sort_when_candidates_fall_short():
+def test_top_p_of_a_flat_distribution_keeps_many_tokens():
     probs = np.full(100, 1 / 100)
-    draws = _draw(CandidateTopPSampler(p=0.5, k=5, seed=2), probs, 2000)
-    # Top-p 0.5 of a uniform distribution keeps 50 tokens; 5 candidates alone would keep 5.
+    draws = _draw(ExactTopPSampler(p=0.5, seed=2), probs, 2000)
+    # Top-p 0.5 of a uniform distribution keeps 50 or 51 tokens (the sums round either way at the boundary).
     assert len(np.unique(draws)) > 20
 
 
