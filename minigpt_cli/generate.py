@@ -522,6 +522,8 @@ class Stream:
     so the pieces add up to exactly the text ``Generator.run`` gives.
     ``length`` sets the token buffer's length (default: prompt + new tokens);
     a fixed one (the model's window) lets XLA compile once for every prompt.
+    Streams with the same sampler settings share one compiled loop and its
+    random state: iterate one to its end before starting the next.
 
     >>> for piece in gen.stream("the king", SamplerSpec("topk", seed=1), 40):  # doctest: +SKIP
     ...     print(piece.text, end="", flush=True)

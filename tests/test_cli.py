@@ -128,7 +128,7 @@ def test_python_dash_m_help():
         (["--sampler", "topp", "--p", "1.5"], "--p must be in (0, 1]"),
         (["--sampler", "topk", "--k", "0"], "--k must be at least 1"),
         (["--sampler", "beam", "--num-beams", "0"], "--num-beams must be at least 1"),
-        (["--sampler", "nucleus"], "unknown sampler 'nucleus'"),
+        (["--sampler", "nucleus"], "'nucleus' is not one of 'greedy', 'beam'"),
         (["--prompt", "the king " * 40], "shorten it"),
         (["--prompt-file", "/nonexistent/prompts.txt"], "prompt file not found"),
         (["--set", "generate.k=-1"], "out of range"),
