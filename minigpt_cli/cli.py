@@ -50,6 +50,27 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
 ]
+# Sampler settings and decoding controls, shared by generate and chat.
+KOpt = Annotated[int | None, typer.Option(help="Top-k: sample from the k likeliest tokens.")]
+POpt = Annotated[float | None, typer.Option(help="Top-p: sample from the tokens holding p of the probability.")]
+TemperatureOpt = Annotated[float | None, typer.Option(help="Softmax temperature.")]
+StopOpt = Annotated[
+    list[str] | None, typer.Option(help="End the text before this text (repeatable; default: generate.stop).")
+]
+RepetitionPenaltyOpt = Annotated[
+    float | None, typer.Option(help="Divide the logits of tokens already written by this (1: off).")
+]
+NoRepeatNgramOpt = Annotated[int | None, typer.Option(help="Never repeat an n-gram of this many tokens (0: off).")]
+MinPOpt = Annotated[
+    float | None, typer.Option(help="Keep tokens at least this share of the likeliest's probability (0: off).")
+]
+EndAtParagraphOpt = Annotated[
+    bool | None,
+    typer.Option("--end-at-paragraph/--no-end-at-paragraph", help="End at the model's first [BOS] (paragraph)."),
+]
+ShowProbsOpt = Annotated[
+    bool, typer.Option("--show-probs", help="Color each new token by the probability it was chosen with.")
+]
 
 
 @contextlib.contextmanager
@@ -74,6 +95,22 @@ def _load_tensorflow() -> None:
         tf.config.list_physical_devices()
         tf.get_logger().setLevel("ERROR")
         import keras_hub  # noqa: F401
+
+
+def _load_run(run: RunDir, cfg: Config, need_model: bool = True):
+    """The run's vocabulary and (with ``need_model``) model, with TensorFlow loaded."""
+    run.require_vocab()
+    if need_model:
+        run.require_model()
+    _load_tensorflow()
+    from minigpt_cli.vocab import read_vocabulary
+
+    vocab = read_vocabulary(run.vocab, cfg.vocab)
+    if not need_model:
+        return vocab, None
+    from minigpt_cli.model import load_model
+
+    return vocab, load_model(run.model, len(vocab))
 
 
 def _trained_runs(root: Path = Path("runs")) -> list[Path]:
@@ -258,36 +295,23 @@ def generate(
     max_tokens: Annotated[
         int | None, typer.Option(help="New tokens per sample (default: generate.max_tokens, 80).")
     ] = None,
-    k: Annotated[int | None, typer.Option(help="Top-k: sample from the k likeliest tokens.")] = None,
-    p: Annotated[float | None, typer.Option(help="Top-p: sample from the tokens holding p of the probability.")] = None,
+    k: KOpt = None,
+    p: POpt = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search: beams kept.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Softmax temperature.")] = None,
+    temperature: TemperatureOpt = None,
     seed: Annotated[
         int | None, typer.Option(help="Random seed in [0, 2**32): same seed, same text (default: a fresh one).")
     ] = None,
-    stop: Annotated[
-        list[str] | None, typer.Option(help="End the text before this text (repeatable; default: generate.stop).")
-    ] = None,
-    repetition_penalty: Annotated[
-        float | None, typer.Option(help="Divide the logits of tokens already written by this (1: off).")
-    ] = None,
-    no_repeat_ngram: Annotated[
-        int | None, typer.Option(help="Never repeat an n-gram of this many tokens (0: off).")
-    ] = None,
-    min_p: Annotated[
-        float | None, typer.Option(help="Keep tokens at least this share of the likeliest's probability (0: off).")
-    ] = None,
-    end_at_paragraph: Annotated[
-        bool | None,
-        typer.Option("--end-at-paragraph/--no-end-at-paragraph", help="End at the model's first [BOS] (paragraph)."),
-    ] = None,
+    stop: StopOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    no_repeat_ngram: NoRepeatNgramOpt = None,
+    min_p: MinPOpt = None,
+    end_at_paragraph: EndAtParagraphOpt = None,
     num_samples: Annotated[int, typer.Option(help="Samples per prompt, made in one batched call.")] = 1,
     stream: Annotated[
         bool, typer.Option("--stream", help="Print tokens as they come (beam search prints its best beam at the end).")
     ] = False,
-    show_probs: Annotated[
-        bool, typer.Option("--show-probs", help="Color each new token by the probability it was chosen with.")
-    ] = False,
+    show_probs: ShowProbsOpt = False,
     show_prompt: Annotated[bool, typer.Option(help="Print the prompt before the new text.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per sample (with --stream, one per piece too).")
@@ -325,13 +349,9 @@ def generate(
         min_p=min_p,
         end_at_paragraph=end_at_paragraph,
     )
-    _load_tensorflow()
+    vocabulary, model = _load_run(run, cfg)
     from minigpt_cli.generate import Generator
-    from minigpt_cli.model import load_model
-    from minigpt_cli.vocab import read_vocabulary
 
-    vocabulary = read_vocabulary(run.vocab, cfg.vocab)
-    model = load_model(run.model, len(vocabulary))
     generator = Generator(model, vocabulary.tokenizer(), jit_compile=g.jit_compile)
     batch = [p_ for p_ in prompts for _ in range(num_samples)]
     if stream and name != "beam":

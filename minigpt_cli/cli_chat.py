@@ -27,32 +27,19 @@ def chat(
     max_tokens: Annotated[
         int | None, typer.Option(help="New tokens per turn (default: generate.max_tokens, 80).")
     ] = None,
-    k: Annotated[int | None, typer.Option(help="Top-k: sample from the k likeliest tokens.")] = None,
-    p: Annotated[float | None, typer.Option(help="Top-p: sample from the tokens holding p of the probability.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Softmax temperature.")] = None,
+    k: KOpt = None,
+    p: POpt = None,
+    temperature: TemperatureOpt = None,
     seed: Annotated[
         int | None,
         typer.Option(help="A seed in [0, 2**32) for every turn: same prompt, same text (default: fresh each turn)."),
     ] = None,
-    stop: Annotated[
-        list[str] | None, typer.Option(help="End the text before this text (repeatable; default: generate.stop).")
-    ] = None,
-    repetition_penalty: Annotated[
-        float | None, typer.Option(help="Divide the logits of tokens already written by this (1: off).")
-    ] = None,
-    no_repeat_ngram: Annotated[
-        int | None, typer.Option(help="Never repeat an n-gram of this many tokens (0: off).")
-    ] = None,
-    min_p: Annotated[
-        float | None, typer.Option(help="Keep tokens at least this share of the likeliest's probability (0: off).")
-    ] = None,
-    end_at_paragraph: Annotated[
-        bool | None,
-        typer.Option("--end-at-paragraph/--no-end-at-paragraph", help="End at the model's first [BOS] (paragraph)."),
-    ] = None,
-    show_probs: Annotated[
-        bool, typer.Option("--show-probs", help="Color each new token by the probability it was chosen with.")
-    ] = False,
+    stop: StopOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    no_repeat_ngram: NoRepeatNgramOpt = None,
+    min_p: MinPOpt = None,
+    end_at_paragraph: EndAtParagraphOpt = None,
+    show_probs: ShowProbsOpt = False,
     warm_up: Annotated[
         bool, typer.Option(hidden=True, help="Compile the generation loop while the first prompt is typed.")
     ] = True,
@@ -83,20 +70,16 @@ def chat(
         min_p=min_p,
         end_at_paragraph=end_at_paragraph,
     )
-    run.require_vocab()
+    run.require_vocab()  # before the note and the loading status
     run.require_model()
     terminal = sys.stdin.isatty()
     if note:
         err.print(note)
     # TensorFlow's threads start now: they must leave Ctrl-C to the main thread (see sigint_held).
     with sigint_held(), err.status("loading the model...") if terminal else contextlib.nullcontext():
-        _load_tensorflow()
+        vocabulary, model = _load_run(run, cfg)
         from minigpt_cli.generate import Generator
-        from minigpt_cli.model import load_model
-        from minigpt_cli.vocab import read_vocabulary
 
-        vocabulary = read_vocabulary(run.vocab, cfg.vocab)
-        model = load_model(run.model, len(vocabulary))
         generator = Generator(model, vocabulary.tokenizer(), jit_compile=cfg.generate.jit_compile)
     session = ChatSession(generator, settings, out=out, info=err, colored=_colored, interactive=terminal)
     if warm_up:
@@ -137,10 +120,19 @@ def _read_line(_prompt: str) -> str:
 # At the end: cli.py imports this module at its end, and this module may be imported first.
 from minigpt_cli.cli import (  # noqa: E402
     ConfigOpt,
+    EndAtParagraphOpt,
+    KOpt,
+    MinPOpt,
+    NoRepeatNgramOpt,
+    POpt,
+    RepetitionPenaltyOpt,
     RunDirOpt,
     SetOpt,
+    ShowProbsOpt,
+    StopOpt,
+    TemperatureOpt,
     _colored,
-    _load_tensorflow,
+    _load_run,
     _setup,
     err,
     out,

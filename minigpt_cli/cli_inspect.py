@@ -28,7 +28,7 @@ inspect_app = typer.Typer(
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from minigpt_cli.cli import ConfigOpt, RunDirOpt, SetOpt, _load_tensorflow, _setup, out  # noqa: E402
+from minigpt_cli.cli import ConfigOpt, RunDirOpt, SetOpt, _load_run, _setup, out  # noqa: E402
 from minigpt_cli.config import Windows  # noqa: E402
 from minigpt_cli.errors import MinigptError  # noqa: E402
 
@@ -58,22 +58,6 @@ def _read_text(text: str | None, file: str | None) -> tuple[str, Path | None]:
         raise MinigptError(f"--file: cannot read {file}: {e.strerror or e}") from None
 
 
-def _load(run, cfg, need_model: bool):
-    """The run's vocabulary and (with ``need_model``) model, with TensorFlow loaded."""
-    run.require_vocab()
-    if need_model:
-        run.require_model()
-    _load_tensorflow()
-    from minigpt_cli.vocab import read_vocabulary
-
-    vocab = read_vocabulary(run.vocab, cfg.vocab)
-    if not need_model:
-        return vocab, None
-    from minigpt_cli.model import load_model
-
-    return vocab, load_model(run.model, len(vocab))
-
-
 def _percent(x: float | None) -> str:
     """A probability as a percentage, with two significant digits below 0.1%."""
     if x is None:
@@ -99,7 +83,7 @@ def tokens(
     """How a text splits into word pieces: pieces, ids, [UNK]s, tokens per word (needs only vocab.txt)."""
     body, _ = _read_text(text, file)
     cfg, run = _setup(config, run_dir, set_, find_trained=True)
-    vocab, _ = _load(run, cfg, need_model=False)
+    vocab, _ = _load_run(run, cfg, need_model=False)
     from minigpt_cli.inspection import split_tokens
     from minigpt_cli.vocab import UNK
 
@@ -170,7 +154,7 @@ def next_(
     SamplerSpec("topp", p=p).check()
     if top < 1:
         raise MinigptError(f"--top must be at least 1, got {top}")
-    vocab, model = _load(run, cfg, need_model=True)
+    vocab, model = _load_run(run, cfg, need_model=True)
     from minigpt_cli.inspection import next_tokens
 
     view = next_tokens(model, vocab, prompt, k=k, p=p, temperature=temperature, top=top)
@@ -270,7 +254,7 @@ def surprise(
     if not body.strip():
         raise MinigptError("the text is empty; give some text (an argument, --file FILE, or '-' for standard input)")
     cfg, run = _setup(config, run_dir, set_, find_trained=True)
-    vocab, model = _load(run, cfg, need_model=True)
+    vocab, model = _load_run(run, cfg, need_model=True)
     windows = windows or cfg.data.windows
     from minigpt_cli.inspection import join_pieces, surprise_text
     from minigpt_cli.inspection import surprise as score
@@ -383,7 +367,7 @@ def attention_(
     if not body.strip():
         raise MinigptError("the text is empty; give some text (an argument, --file FILE, or '-' for standard input)")
     cfg, run = _setup(config, run_dir, set_, find_trained=True)
-    vocab, model = _load(run, cfg, need_model=True)
+    vocab, model = _load_run(run, cfg, need_model=True)
     from minigpt_cli.inspection import attention
     from minigpt_cli.plots import draw_attention
 
