@@ -188,10 +188,36 @@ def train(
     run_dir: RunDirOpt = None,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Fine-tune: start from this run's (or exported KerasHub preset's) model and vocabulary.",
+            autocompletion=_complete_runs,
+        ),
+    ] = None,
 ) -> None:
     """Train the mini-GPT on the run's vocabulary; writes model.keras, history, samples and checkpoints."""
+    if init_from is not None:
+        if resume:
+            raise MinigptError("--init-from starts a new run and --resume continues one; give one of them")
+        set_ = [*(set_ or []), f"train.init_from={json.dumps(str(init_from), ensure_ascii=False)}"]
     cfg, run = _setup(config, run_dir, set_)
-    if not run.vocab.is_file():
+    finetune = bool(cfg.train.init_from) and not resume
+    if finetune:  # the parent's shape and vocabulary become the run's: checked before anything is written
+        _load_tensorflow()
+        from minigpt_cli.config import explicit_keys
+        from minigpt_cli.finetune import prepare
+
+        given = explicit_keys(None, set_ or [])
+        if "train.init_from" in given and "train.init_sha256" not in given:
+            cfg.train.init_sha256 = ""  # a parent named now: its checksum is recorded afresh
+        own = config if config is not None else (run.config if run.config.is_file() else None)
+        explicit = {} if own is None else dict.fromkeys(explicit_keys(own), str(own))
+        if init_from is not None and own == run.config:  # a new parent for this run: its old shape is not a wish
+            explicit = {k: v for k, v in explicit.items() if not k.startswith(("model.", "vocab."))}
+        cfg = prepare(cfg, run.root, {**explicit, **dict.fromkeys(given, "--set")})
+    if not run.vocab.is_file() and not finetune:
         raise MinigptError(
             f"no vocabulary in {run.root}: learn it first with: {_command('vocab', config, run_dir, set_)}"
         )
@@ -441,9 +467,13 @@ def show_config(
 
 
 from minigpt_cli.cli_chat import chat  # noqa: E402  (these use this module's helpers)
+from minigpt_cli.cli_export import export  # noqa: E402
 from minigpt_cli.cli_inspect import inspect_app  # noqa: E402
+from minigpt_cli.cli_serve import serve  # noqa: E402
 
 app.command()(chat)
+app.command()(serve)
+app.command()(export)
 app.add_typer(inspect_app, name="inspect")
 
 

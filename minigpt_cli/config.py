@@ -83,6 +83,10 @@ class TrainConfig:
     devices: list[str] = field(default_factory=list)
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
     worker_timeout: float = field(default=120.0, metadata=_range(0.0, lo_open=True))
+    #: Fine-tune: start from this run directory's (or KerasHub preset folder's) model and vocabulary.
+    init_from: str = ""
+    #: The parent model's sha256, recorded by ``train``; when set, a different parent model is refused.
+    init_sha256: str = ""
 
 
 @dataclass
@@ -277,9 +281,8 @@ def _validate(cfg: Config) -> None:
         )
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the TOML file at ``path`` (if any), then ``overrides``."""
-    cfg = Config()
+def _items(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """The ``(key, value)`` pairs the file at ``path`` and ``overrides`` set, in order."""
     items: list[tuple[str, Any]] = []
     if path is not None:
         path = Path(path)
@@ -290,8 +293,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise MinigptError(f"config file {path} is not valid TOML: {e}") from None
         items += _flatten(_migrate(data))
-    items += [parse_override(o) for o in overrides]
-    for key, value in items:
+    return items + [parse_override(o) for o in overrides]
+
+
+def explicit_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The keys the file at ``path`` and ``overrides`` set themselves (not left at their defaults)."""
+    return {key for key, _ in _items(path, overrides)}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file at ``path`` (if any), then ``overrides``."""
+    cfg = Config()
+    for key, value in _items(path, overrides):
         _assign(cfg, key, value)
     _validate(cfg)
     return cfg

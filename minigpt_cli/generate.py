@@ -548,12 +548,8 @@ class Stream:
         gen._seed(sampler, spec)
         token_ids, mask, probs = gen._buffers([self.encoded], self.length)
         cache = prefill(token_ids)
-        index, emitted, checked, sizes = start, 0, 0, iter(Generator.CHUNKS)
-        size = Generator.CHUNKS[0]
-        ids: list[int] = []
-        chosen: list[float] = []
-        stopped = "length"
-        longest_stop = max((len(s) for s in controls.stop), default=0)
+        index, sizes, size = start, iter(Generator.CHUNKS), Generator.CHUNKS[0]
+        settled = SettledText(gen, controls)
         while index < start + self.new_tokens:
             size = next(sizes, size)
             steps = min(size, start + self.new_tokens - index)
@@ -563,31 +559,71 @@ class Stream:
             if index == start:
                 self.first_token_seconds = time.perf_counter() - t0
             index = end
-            ids += [int(i) for i in row]
-            chosen += [float(x) for x in p]
-            final, keep = index >= start + self.new_tokens or steps == 0, None
-            if controls.end_at_paragraph and gen.bos in ids:
-                cut = ids.index(gen.bos)
-                ids, chosen, final, stopped = ids[:cut], chosen[:cut], True, "paragraph"
-            hit = first_stop(ids, controls.stop, gen.vocabulary, gen.strip_ids, start=checked, final=final)
-            checked = len(ids)
-            if hit:
-                (m, keep), final, stopped = hit, True, "stop"
-                ids, chosen = ids[:m], chosen[:m]
-            rendered = gen.render(ids)
-            if final:
-                limit = len(rendered.text) if keep is None else keep
-            else:
-                limit = max(emitted, rendered.settled() - max(longest_stop - 1, 0))
-            if limit > emitted:
-                parts, ending = rendered.parts(emitted, limit, chosen), rendered.ending(emitted, limit, chosen)
-                yield Piece(rendered.text[emitted:limit], parts, ending)
-                emitted = limit
-            if final:
+            final = index >= start + self.new_tokens or steps == 0
+            piece = settled.add([int(i) for i in row], [float(x) for x in p], final)
+            if piece is not None:
+                yield piece
+            if settled.done:
                 break
         seconds = time.perf_counter() - t0
-        text = gen.render(ids).text
+        ids, chosen = settled.ids, settled.chosen
         rate = len(ids) / seconds if seconds > 0 else float("inf")
         self.sample = gen._finish(self.prompt, ids, chosen, spec, replace(controls, stop=()), rate, seconds, 0.0)
-        self.sample.text, self.sample.stopped = text[:emitted], stopped
+        self.sample.text, self.sample.stopped = settled.text, settled.stopped
         self.sample.settings = {**spec.settings(), **controls.settings()}
+
+
+class SettledText:
+    """One row's new tokens as text that no later token can change, fed a chunk at a time.
+
+    ``Stream`` runs one per stream; a batch (``minigpt serve``) one per row.
+    ``add`` takes the row's next tokens and their probabilities and returns
+    the ``Piece`` of text they settled (or None): all but the last two words,
+    and nothing a stop text could still begin in; with ``final`` (no more
+    tokens will come), all of it. A ``[BOS]`` (with ``end_at_paragraph``) or a
+    stop text ends the row early: ``done`` turns true, the tokens after the
+    end are dropped, and ``stopped`` says why. The pieces add up to exactly
+    the text ``Generator.run`` gives for the same tokens.
+    """
+
+    def __init__(self, gen: Generator, controls: Controls):
+        self.gen, self.controls = gen, controls
+        self.ids: list[int] = []
+        self.chosen: list[float] = []
+        self.emitted = 0  # characters of text handed out
+        self.checked = 0  # tokens searched for stop texts
+        self.stopped = "length"
+        self.done = False
+        self.longest_stop = max((len(s) for s in controls.stop), default=0)
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """The text handed out so far (all of it once ``done``)."""
+        return self._text[: self.emitted]
+
+    def add(self, ids: list[int], probabilities: list[float], final: bool) -> Piece | None:
+        gen, controls = self.gen, self.controls
+        self.ids += ids
+        self.chosen += probabilities
+        keep = None
+        if controls.end_at_paragraph and gen.bos in self.ids:
+            cut = self.ids.index(gen.bos)
+            self.ids, self.chosen, final, self.stopped = self.ids[:cut], self.chosen[:cut], True, "paragraph"
+        hit = first_stop(self.ids, controls.stop, gen.vocabulary, gen.strip_ids, start=self.checked, final=final)
+        self.checked = len(self.ids)
+        if hit:
+            (m, keep), final, self.stopped = hit, True, "stop"
+            self.ids, self.chosen = self.ids[:m], self.chosen[:m]
+        rendered = gen.render(self.ids)
+        self._text = rendered.text
+        if final:
+            limit = len(rendered.text) if keep is None else keep
+        else:
+            limit = max(self.emitted, rendered.settled() - max(self.longest_stop - 1, 0))
+        self.done = final
+        if limit <= self.emitted:
+            return None
+        start, self.emitted = self.emitted, limit
+        return Piece(rendered.text[start:limit], rendered.parts(start, limit, self.chosen),
+                     rendered.ending(start, limit, self.chosen))  # fmt: skip

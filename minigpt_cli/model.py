@@ -276,6 +276,9 @@ class MiniGPTCausalLM(keras_hub.models.CausalLM):
     def generate_step(self, inputs, stop_token_ids=None):
         """Fill every position past each prompt with sampled tokens (XLA-compilable)."""
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        if stop_token_ids is not None:
+            # generate()'s default "auto" asks to stop at the end token, and our tokenizer has none.
+            stop_token_ids = [t for t in stop_token_ids if t is not None] or None
         hidden_states, cache = self._build_cache(token_ids)
         index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
         token_ids = self.sampler(

@@ -15,6 +15,7 @@ per epoch, the precision) are refused.
 
 from __future__ import annotations
 
+import copy
 import signal
 import tempfile
 import warnings
@@ -31,7 +32,7 @@ from minigpt_cli.config import DEFAULT_WEIGHT_DECAY, Config, TrainConfig, dumps,
 from minigpt_cli.errors import MinigptError
 from minigpt_cli.model import MiniGPTCausalLM, build_model, load_model
 from minigpt_cli.runs import RunDir, WriteError, write_text
-from minigpt_cli.vocab import read_vocabulary
+from minigpt_cli.vocab import read_vocabulary, write_vocabulary
 from minigpt_cli.windows import prepare_data
 
 #: Config keys a resume must not change: they fix what the checkpoint's weights and position mean.
@@ -139,10 +140,21 @@ def train(
     """Train the mini-GPT on the run's vocabulary (or resume it); returns the per-epoch history.
 
     Writes ``config.toml`` (the config really used) once the checks pass.
-    ``callbacks`` are extra Keras callbacks, run after minigpt's own.
+    ``callbacks`` are extra Keras callbacks, run after minigpt's own. With
+    ``train.init_from`` (see ``finetune.prepare``) a new run starts from that
+    model's weights, with a fresh optimizer.
     """
     console = console or Console(stderr=True)
-    vocab = read_vocabulary(run.require_vocab(), cfg.vocab)
+    parent = None
+    if cfg.train.init_from and not resume:
+        from minigpt_cli import finetune
+
+        parent = finetune.find_parent(Path(cfg.train.init_from))
+        finetune.check_run(parent, run.root)
+        cfg = finetune.adopt(cfg, parent, explicit=dict.fromkeys(parent.settings(), "the config"))
+        vocab = parent.vocab  # written to the run with config.toml, once every check has passed
+    else:
+        vocab = read_vocabulary(run.require_vocab(), cfg.vocab)
     vocab.check_config(cfg.vocab)
     if cfg.train.sample_each_epoch:  # the epoch's sample settings, checked now rather than after an epoch
         from minigpt_cli.samplers import sampler_spec
@@ -164,6 +176,10 @@ def train(
                 f"--resume cannot change {'; '.join(conflicts)} (the checkpoint was trained with the old values); "
                 "resume with the run's own config, or train a new run"
             )
+    if position is not None and run.config.is_file():  # the run's record of its parent stays
+        old = load_config(run.config).train
+        cfg = copy.deepcopy(cfg)
+        cfg.train.init_from, cfg.train.init_sha256 = old.init_from, old.init_sha256
     # First, before anything starts TensorFlow's runtime: the CPU can only be split into devices until then.
     dist = distribute.setup(cfg.train.distribution, cfg.train.devices, cfg.train.worker_timeout)
     distribute.set_precision(cfg.train.precision)
@@ -173,6 +189,7 @@ def train(
             f"data.batch_size {cfg.data.batch_size} does not split over {dist.replicas} replicas; "
             f"use a multiple of {dist.replicas}"
         )
+    parent_weights = parent.weights() if parent is not None else None  # a bad parent fails before tokenizing
     data = prepare_data(cfg, run, vocab)
     steps_per_epoch = cfg.train.steps_per_epoch or data.train.per_pass
     epochs = cfg.train.epochs
@@ -190,6 +207,8 @@ def train(
     # Only the chief writes the run's artifacts; other workers write theirs to a scratch folder.
     out = run if dist.is_chief else RunDir(Path(tempfile.mkdtemp(prefix="minigpt-worker-")))
     if dist.is_chief:
+        if parent is not None:
+            write_vocabulary(vocab, run.vocab)
         write_text(run.config, dumps(cfg))
     with dist.scope():
         if position is not None:
@@ -197,6 +216,10 @@ def train(
             recompile_with_state(model, cfg, epochs * steps_per_epoch)
         else:
             model = build_model(len(vocab), cfg.model)
+            if parent_weights is not None:
+                from minigpt_cli.finetune import copy_weights
+
+                copy_weights(model, parent_weights)
             compile_model(model, cfg, epochs * steps_per_epoch)
     if position is not None:
         history = cb.read_history(run, position.epoch)
@@ -217,6 +240,19 @@ def train(
         f"{steps_per_epoch:,} steps per epoch, {epochs} epochs"
         + (f"; resuming at epoch {start_epoch + 1}, step {start_step}" if position else "")
     )
+    if parent is not None:
+        from minigpt_cli.finetune import HIGH_UNKNOWN_SHARE, unknown_share
+
+        share = unknown_share(data.train.windows, vocab.tokens)
+        console.print(
+            f"fine-tuning from {parent.path} ({parent.kind}, sha256 {parent.sha256[:12]}): "
+            f"[UNK] share of the new training windows under its vocabulary {share:.3%}"
+        )
+        if share > HIGH_UNKNOWN_SHARE:
+            console.print(
+                f"warning: {share:.1%} of the new text's tokens are [UNK] under the parent's vocabulary: the model "
+                "cannot read or write those words; fine-tune on text closer to the parent's or train from scratch"
+            )
     role = "" if dist.is_chief else f" (not the chief: its artifacts go to {out.root})"
     console.print(
         f"distribution: {dist.kind}, {dist.replicas} replica(s) on {dist.workers} worker(s){role}; "

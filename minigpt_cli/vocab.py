@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import keras_hub
 
 from minigpt_cli.config import VocabConfig
@@ -17,6 +18,7 @@ from minigpt_cli.runs import write_text
 PAD, UNK, BOS = "[PAD]", "[UNK]", "[BOS]"
 
 
+@keras.saving.register_keras_serializable(package="minigpt")
 class MiniGPTTokenizer(keras_hub.tokenizers.WordPieceTokenizer):
     """The reference's lowercase WordPiece tokenizer, with ``[BOS]`` as start token.
 
