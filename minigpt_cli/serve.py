@@ -147,6 +147,10 @@ def _neutral(value: Any, allowed: tuple) -> bool:
     return value is None or any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
 
 
+#: Temperatures below this are greedy (0 is greedy; dividing logits by less overflows float32).
+GREEDY_BELOW = 1e-6
+
+
 def parse_request(body: bytes) -> CompletionRequest:
     """The checked request, or ``RequestError`` naming what is wrong."""
 
@@ -159,6 +163,10 @@ def parse_request(body: bytes) -> CompletionRequest:
         raise RequestError(400, None, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError(400, None, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:  # JSON may spell lone surrogates (\ud800), which are not text: nothing downstream could encode them
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, None, "the request holds a string that is not text (a lone surrogate)") from None
     for name, allowed in NEUTRAL.items():
         if name in data and not _neutral(data.pop(name), allowed):
             raise RequestError(400, name, f"'{name}' is not supported by this server; leave it out")
@@ -205,7 +213,11 @@ def job_for(req: CompletionRequest, defaults: GenerateConfig, window: int, vocab
         raise RequestError(400, "stop", f"each 'stop' text needs 1 to {limits.stop_chars} characters")
     if req.stream_options is not None and not req.stream:
         raise RequestError(400, "stream_options", "'stream_options' needs 'stream': true")
+    if req.top_k is not None and req.top_p is not None and req.top_p < 1:
+        raise RequestError(400, "top_p", "give 'top_k' or 'top_p' below 1, not both: the server samples with one rule")
     t = req.temperature
+    if t is not None and t < GREEDY_BELOW:  # 0, or so small that logits / t overflow: the likeliest token
+        t = 0
     if t == 0:
         spec = SamplerSpec("greedy", temperature=defaults.temperature)
     elif req.top_k is not None:
@@ -272,7 +284,7 @@ def create_app(engine: Engine, model_id: str, defaults: GenerateConfig, api_key:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise RequestError(401, None, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), api_key.strip().encode()):
             raise RequestError(401, None, "incorrect API key", code="invalid_api_key")
 
     async def completions(request: Request) -> Response:
@@ -303,6 +315,9 @@ def create_app(engine: Engine, model_id: str, defaults: GenerateConfig, api_key:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         try:
             choices, error = await _collect(job)
+        except BaseException:  # cancelled (the client left, or shutdown ran out of time): free the job's rows
+            job.cancelled = True
+            raise
         finally:
             watch.cancel()
         if error is not None:

@@ -347,6 +347,9 @@ BAD = [
     ({"logprobs": 3}, "logprobs"),
     ({"echo": True}, "echo"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"prompt": "\ud800 king"}, None),  # a lone surrogate: no text at all
+    ({"model": "\udfff"}, None),
+    ({"top_k": 5, "top_p": 0.5}, "top_p"),
 ]
 
 
@@ -359,6 +362,13 @@ def test_bad_request_gets_400_naming_the_field(server, body, param):
     assert error["param"] == param, error
     if param:
         assert param in error["message"]
+
+
+def test_a_tiny_temperature_is_greedy(server):
+    """Below 1e-6 the logits / temperature would overflow: the server picks the likeliest token, as at 0."""
+    answers = [server.post({"prompt": PROMPT, "max_tokens": 8, "temperature": t}) for t in (0, 1e-30)]
+    assert all(a.status == 200 for a in answers), [a.text for a in answers]
+    assert answers[0].json["choices"][0]["text"] == answers[1].json["choices"][0]["text"]
 
 
 def test_prompt_longer_than_the_window(server):
