@@ -35,15 +35,9 @@ SAMPLERS = ("greedy", "random", "topk", "topp", "beam")
 
 def machine() -> str:
     import tensorflow as tf
+    from hardware import cpu_name  # benchmarks/, on the path as the script's folder
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpus = tf.config.list_physical_devices("GPU")
     return (
         f"{cpu}, {os.cpu_count()} cores, {'GPU: ' + str(len(gpus)) if gpus else 'no GPU'}; "

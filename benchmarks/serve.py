@@ -125,14 +125,9 @@ async def _load(port: int, clients: int, requests: int, max_tokens: int, time_li
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from hardware import cpu_name  # benchmarks/, on the path as the script's folder
+
+    cpu = cpu_name()
     from importlib.metadata import version
 
     libs = ", ".join(f"{name} {version(name)}" for name in ("tensorflow", "keras", "keras-hub", "starlette", "uvicorn"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -17,6 +16,7 @@ from rich.text import Text
 
 from minigpt_cli.config import SAMPLERS, Config, Windows, all_keys, dumps, load_config
 from minigpt_cli.errors import MinigptError
+from minigpt_cli.native import quiet_native_stderr
 from minigpt_cli.runs import RunDir, write_text
 
 app = typer.Typer(
@@ -73,23 +73,8 @@ ShowProbsOpt = Annotated[
 ]
 
 
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """Silence the C++ start-up lines TensorFlow prints before its logging is set up."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _load_tensorflow() -> None:
-    with _quiet_native_stderr():
+    with quiet_native_stderr():
         import tensorflow as tf
 
         tf.config.list_physical_devices()

@@ -39,6 +39,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from minigpt_cli.errors import MinigptError
+from minigpt_cli.native import quiet_native_stderr
 from minigpt_cli.runs import (
     RunDir,
     WriteError,
@@ -505,6 +506,10 @@ def _step(format: str, what: str, package: str, check: bool = False) -> Iterator
         raise MinigptError(message) from e
 
 
+#: The inputs of the forward-pass exports (onnx, litert), as their manifests describe them.
+FORWARD_INPUTS = {"token_ids": "int32 [batch, seq_len]", "padding_mask": "int32 [batch, seq_len] (token_ids != 0)"}
+
+
 def export_onnx(model, folder: Path) -> dict:
     """``model.onnx``: Keras' ``model.export(format="onnx")`` (tf2onnx), checked with onnxruntime if installed."""
     import logging
@@ -518,7 +523,7 @@ def export_onnx(model, folder: Path) -> dict:
             model.export(str(path), format="onnx", input_signature=_forward_signature(model), verbose=False)
     details = {
         "file": path.name,
-        "inputs": {"token_ids": "int32 [batch, seq_len]", "padding_mask": "int32 [batch, seq_len] (token_ids != 0)"},
+        "inputs": FORWARD_INPUTS,
         "outputs": {"Identity:0": "float32 [batch, seq_len, vocab_size]: the logits"},
         "usage": (
             "import onnxruntime\n"
@@ -537,20 +542,6 @@ def export_onnx(model, folder: Path) -> dict:
     return details
 
 
-@contextlib.contextmanager
-def _native_stderr_quiet() -> Iterator[None]:
-    """Send what C++ code writes to standard error (file descriptor 2) to /dev/null meanwhile."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def export_litert(model, folder: Path) -> dict:
     """``model.tflite``: Keras' ``model.export(format="litert")``, checked with LiteRT's interpreter if installed."""
     path = folder / "model.tflite"
@@ -558,7 +549,7 @@ def export_litert(model, folder: Path) -> dict:
         model.export(str(path), format="litert", input_signature=_forward_signature(model), verbose=False)
     details = {
         "file": path.name,
-        "inputs": {"token_ids": "int32 [batch, seq_len]", "padding_mask": "int32 [batch, seq_len] (token_ids != 0)"},
+        "inputs": FORWARD_INPUTS,
         "outputs": {"output_0": "float32 [batch, seq_len, vocab_size]: the logits"},
         "usage": (
             "from ai_edge_litert.interpreter import Interpreter\n"
@@ -572,7 +563,7 @@ def export_litert(model, folder: Path) -> dict:
             from ai_edge_litert.interpreter import Interpreter
 
             ids, mask = _probe(model)
-            with _native_stderr_quiet():  # the interpreter's "INFO: Created TensorFlow Lite XNNPACK delegate" line
+            with quiet_native_stderr():  # the interpreter's "INFO: Created TensorFlow Lite XNNPACK delegate" line
                 runner = Interpreter(model_path=str(path)).get_signature_runner()
                 (got,) = runner(token_ids=ids, padding_mask=mask).values()
             details["check"] = _compare("litert", f"ai_edge_litert {version}", got, model, ids, mask)
