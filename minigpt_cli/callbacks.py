@@ -4,8 +4,10 @@
 others read; it must come first in the callback list. Then ``DropoutSeeds``
 makes dropout a function of (seed, step), ``StepLosses`` records each step's
 loss, ``Checkpointer`` writes checkpoints and ``model.keras`` and stops on a
-signal, ``HistoryWriter`` writes the per-epoch history and curve,
-``EpochSample`` writes a sample, and ``ProgressBar`` draws progress.
+signal, ``BestModel`` keeps ``model.best.keras`` and stops early,
+``HistoryWriter`` writes the per-epoch history and curve, ``EpochSample``
+writes a sample, ``TensorBoardLogs`` writes TensorBoard's logs (after those
+two, whose figures and sample it logs), and ``ProgressBar`` draws progress.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import dataclasses
 import io
 import json
 import math
+import os
+import shutil
 import signal
 import time
 import zlib
@@ -27,11 +31,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from minigpt_cli import checkpoints
-from minigpt_cli.runs import RunDir, atomic_path, write_text
+from minigpt_cli.flops import format_mfu
+from minigpt_cli.runs import RunDir, atomic_path, file_digest, fsync_file, write_text
 
 HISTORY_FIELDS = (
     "epoch", "steps", "global_step", "loss", "perplexity", "val_loss", "val_perplexity", "seconds",
-    "tokens_per_second", "learning_rate",
+    "tokens_per_second", "mfu", "learning_rate",
 )  # fmt: skip
 
 
@@ -71,6 +76,12 @@ class Clock(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.done = batch + 1
         self.step = self.offset + self.done
+        self.last_step_end = time.perf_counter()
+
+    @property
+    def training_seconds(self) -> float:
+        """Seconds from the epoch's start to its last training step (its validation pass left out)."""
+        return max(getattr(self, "last_step_end", self.epoch_start) - self.epoch_start, 0.0)
 
 
 class DropoutSeeds(keras.callbacks.Callback):
@@ -230,14 +241,103 @@ class Checkpointer(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def best_epoch(history: list[dict]) -> tuple[dict | None, int]:
+    """The row whose val_loss is lower than every earlier row's (NaN never counts), and the rows after it.
+
+    ``(None, len(history))`` when no row has a finite val_loss.
+    """
+    best, since = None, 0
+    for row in history:
+        loss = float(row.get("val_loss", math.nan))
+        if math.isfinite(loss) and (best is None or loss < best["val_loss"]):
+            best, since = row, 0
+        else:
+            since += 1
+    return best, since
+
+
+def stall(best: dict | None, since: int) -> str:
+    """What ``best_epoch`` found, in words: why a run stops early."""
+    epochs = f"{since} epoch{'' if since == 1 else 's'}"
+    if best is None:
+        return f"no finite val_loss in {epochs}"
+    return f"no val_loss below epoch {best['epoch']}'s {best['val_loss']:.4f} in the {epochs} after it"
+
+
+def repair_best_model(run: RunDir, history: list[dict], position: checkpoints.Position) -> None:
+    """When the checkpoint at ``position`` ends the best epoch, make ``model.best.keras`` its copy (a crash between
+    the checkpoint and the copy leaves the file one epoch behind). Called before any refusal to resume, so a run
+    whose last epoch was its best is repaired too."""
+    best, _ = best_epoch(history)
+    if best is None or position.step != 0 or best["epoch"] != position.epoch:
+        return
+    path = run.best_model
+    source = checkpoints.path_of(run.root, position)  # at an epoch's end, a copy of its model.keras
+    recorded = (position.size, position.sha256) if position.sha256 else file_digest(source)
+    if not path.is_file() or file_digest(path) != recorded:
+        with atomic_path(path) as tmp:
+            shutil.copyfile(source, tmp)
+
+
+class BestModel(keras.callbacks.Callback):
+    """``model.best.keras`` (the epoch with the lowest val_loss so far) and the early stop, after ``Checkpointer``.
+
+    Both are decided from the history rows alone (``best_epoch``), so a resumed run decides as an uninterrupted
+    one. The copy of the epoch's ``model.keras`` is made after the epoch's checkpoint: a crash leaves it at most
+    that one epoch behind, which ``restore`` repairs from the checkpoint. The early stop comes last, with the
+    epoch's history and checkpoint written.
+    """
+
+    def __init__(self, clock: Clock, run: RunDir, history: list[dict], patience: int, epochs: int,
+                 console: Console):  # fmt: skip
+        super().__init__()
+        self.clock, self.run, self.history, self.patience = clock, run, history, patience
+        self.epochs, self.console = epochs, console
+        self.stopped = False  # stopped early
+        self.saved = False  # model.best.keras holds the best row's model
+
+    def restore(self, position: checkpoints.Position | None) -> None:
+        """Make ``model.best.keras`` agree with the history read back for ``position`` (None: a new run)."""
+        best, _ = best_epoch(self.history)
+        path = self.run.best_model
+        if best is None:
+            path.unlink(missing_ok=True)  # an earlier training's: this one has no best yet
+        elif position is not None:
+            repair_best_model(self.run, self.history, position)
+        self.saved = best is not None and path.is_file()
+        if best is not None and not self.saved:
+            self.console.print(
+                f"note: {path} is missing, so the best model so far (epoch {best['epoch']}, val_loss "
+                f"{best['val_loss']:.4f}) is lost; it is written again at the next epoch with a lower val_loss"
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.clock.epoch_finished:
+            return
+        best, since = best_epoch(self.history)
+        if best is not None and since == 0:
+            with atomic_path(self.run.best_model) as tmp:
+                shutil.copyfile(self.run.model, tmp)
+            self.saved = True
+        if self.patience and since >= self.patience and epoch + 1 < self.epochs:
+            self.model.stop_training = True
+            self.stopped = True
+            kept = f"the best model is {self.run.best_model}" if self.saved else "no best model is saved"
+            self.console.print(
+                f"stopping early after epoch {epoch + 1}/{self.epochs}: {stall(best, since)} "
+                f"(train.early_stop_patience = {self.patience}); {kept}"
+            )
+
+
 class HistoryWriter(keras.callbacks.Callback):
     """At each epoch's end: a row in ``history.json`` / ``history.csv``, the curve, and a line on the console."""
 
     def __init__(self, clock: Clock, run: RunDir, history: list[dict], steps: list[Step],
-                 tokens_per_step: int, epochs: int, console: Console):  # fmt: skip
+                 tokens_per_step: int, epochs: int, console: Console, mfu_of=None):  # fmt: skip
         super().__init__()
         self.clock, self.run, self.history, self.steps = clock, run, history, steps
         self.tokens_per_step, self.epochs, self.console = tokens_per_step, epochs, console
+        self.mfu_of = mfu_of  # tokens/s -> model FLOPs utilization (see ``flops.Plan.mfu``)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.clock.epoch_finished:
@@ -246,6 +346,7 @@ class HistoryWriter(keras.callbacks.Callback):
 
         logs = logs or {}
         seconds = time.perf_counter() - self.clock.epoch_start
+        train_seconds = self.clock.training_seconds
         spe = self.clock.steps_per_epoch
         loss = epoch_loss(self.steps, epoch * spe + 1, (epoch + 1) * spe)
         row = {
@@ -258,16 +359,20 @@ class HistoryWriter(keras.callbacks.Callback):
             "val_loss": float(logs.get("val_loss", float("nan"))),
             "val_perplexity": float(logs.get("val_perplexity", float("nan"))),
             "seconds": round(seconds, 3),
-            "tokens_per_second": round(self.clock.done * self.tokens_per_step / seconds, 1) if seconds else 0.0,
+            # Training steps only: the validation pass is not training throughput.
+            "tokens_per_second": round(self.clock.done * self.tokens_per_step / train_seconds, 1)
+            if train_seconds else 0.0,
             "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
         }
+        if self.mfu_of is not None:
+            row["mfu"] = round(self.mfu_of(row["tokens_per_second"]), 6)
         self.history.append(row)
         write_history(self.run, self.history)
         draw_training_curve(self.steps, self.history, self.run.curve)
         self.console.print(
             f"epoch {row['epoch']}/{self.epochs}: loss {row['loss']:.4f}  perplexity {row['perplexity']:.2f}  "
             f"val_loss {row['val_loss']:.4f}  val_perplexity {row['val_perplexity']:.2f}  {seconds:.1f}s  "
-            f"{row['tokens_per_second']:,.0f} tok/s"
+            f"{row['tokens_per_second']:,.0f} tok/s" + (f"  MFU {format_mfu(row['mfu'])}" if "mfu" in row else "")
         )
 
 
@@ -293,6 +398,7 @@ class EpochSample(keras.callbacks.Callback):
         super().__init__()
         self.clock, self.run, self.generator, self.spec_of_epoch = clock, run, generator, spec_of_epoch
         self.max_tokens, self.console = max_tokens, console
+        self.latest: tuple[int, str] | None = None  # (epoch, line): the last sample, for TensorBoard
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.clock.epoch_finished:
@@ -303,6 +409,7 @@ class EpochSample(keras.callbacks.Callback):
         sample = self.generator.run([""], spec, self.max_tokens)[0]
         line = f"epoch {epoch + 1} ({spec.name}{settings}): {sample.text}\n"
         write_text(self.run.samples, read_samples(self.run, epoch) + line)
+        self.latest = (epoch, line.strip())
         self.console.print(f"[dim]sample ({spec.name}{settings}):[/dim] {sample.text}", highlight=False)
 
 
@@ -319,17 +426,19 @@ def read_samples(run: RunDir, upto_epoch: int) -> str:
 
 
 class ProgressBar(keras.callbacks.Callback):
-    """A rich progress bar: step, running loss, tokens/s and time left."""
+    """A rich progress bar: step, running loss, tokens/s, MFU (with ``mfu_of``) and time left."""
 
-    def __init__(self, clock: Clock, tokens_per_step: int, epochs: int, console: Console):
+    def __init__(self, clock: Clock, tokens_per_step: int, epochs: int, console: Console, mfu_of=None):
         super().__init__()
         self.clock, self.tokens_per_step, self.epochs = clock, tokens_per_step, epochs
+        self.mfu_of = mfu_of  # tokens/s -> model FLOPs utilization
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}"),
             TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TextColumn("{task.fields[mfu]}"),
             TimeRemainingColumn(),
             console=console,
             transient=True,
@@ -348,16 +457,187 @@ class ProgressBar(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.task = self.progress.add_task(
             "train", total=self.clock.steps_per_epoch, completed=self.clock.step,
-            epoch=f"{epoch + 1}/{self.epochs}", loss=float("nan"), tps=0.0,
+            epoch=f"{epoch + 1}/{self.epochs}", loss=float("nan"), tps=0.0, mfu="",
         )  # fmt: skip
 
     def on_train_batch_end(self, batch, logs=None):
         elapsed = time.perf_counter() - self.clock.epoch_start
         tps = self.clock.done * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
         loss = float((logs or {}).get("loss", float("nan")))
-        self.progress.update(self.task, completed=self.clock.step, loss=loss, tps=tps)
+        mfu = f"MFU {format_mfu(self.mfu_of(tps))}" if self.mfu_of is not None else ""
+        self.progress.update(self.task, completed=self.clock.step, loss=loss, tps=tps, mfu=mfu)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
+
+
+#: Seconds one logged step costs on a 2-core AMD EPYC under load (one graph call writing five scalars, and one
+#: reading the learning rate); eager ``tf.summary.scalar`` calls cost about 5 ms for the same.
+LOG_SECONDS = 0.002
+
+
+def tensorboard_installed() -> bool:
+    """Whether ``tf.summary`` can write scalars and text: they live in the ``tensorboard`` package."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def tensorboard_every(steps_per_epoch: int, step_seconds: float) -> int:
+    """Steps between TensorBoard points: every step unless logging would cost over 2% of a step (estimated),
+    and at most 200 points an epoch; at least one an epoch."""
+    every = max(1, -(-steps_per_epoch // 200), math.ceil(LOG_SECONDS / (0.02 * max(step_seconds, 1e-6))))
+    return min(every, steps_per_epoch)
+
+
+#: The per-step scalars, ``batch_<name>`` in ``train/``.
+BATCH_SCALARS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu")
+
+
+class TensorBoardLogs(keras.callbacks.TensorBoard):
+    """TensorBoard logs in ``<run>/logs/`` (``train/`` and ``validation/``), against the global step.
+
+    Keras' own callback writes each epoch's row of ``history.json`` at the
+    epoch's end: ``epoch_loss`` and ``epoch_perplexity`` (in ``train/`` and
+    ``validation/``), ``epoch_learning_rate``, ``epoch_tokens_per_second``,
+    ``epoch_mfu``. Every ``every`` steps, one TensorFlow graph call writes
+    ``batch_loss`` (the step's own loss, as in ``steps.csv``),
+    ``batch_learning_rate`` (the rate the step used), ``batch_grad_norm``
+    (the last update's gradient norm, before clipping), and
+    ``batch_tokens_per_second`` and ``batch_mfu`` (since the previous point
+    of the epoch). Each epoch's sample is logged as text (``sample``). The x
+    axis is the global step everywhere, so a resumed run continues the same
+    curves; ``trim_events`` drops what a killed run logged past its last
+    checkpoint, before the resume logs those steps again.
+    """
+
+    def __init__(self, clock: Clock, log_dir: Path, every: int, tokens_per_step: int, history: list[dict],
+                 mfu_of=None, sample: EpochSample | None = None):  # fmt: skip
+        super().__init__(log_dir=str(log_dir), update_freq="epoch", write_graph=False, profile_batch=0)
+        self.clock, self.every, self.tokens_per_step = clock, every, tokens_per_step
+        self.history, self.mfu_of, self.sample = history, mfu_of, sample
+        self._rate = None
+        self._mark: tuple[float, int] | None = None  # (time, global step) that tokens/s is measured from
+        self._read_rate = self._write = None  # TensorFlow graph functions, made in the fit they serve
+
+    def _make_writer(self):
+        """One graph call that writes a step's scalars (the optimizer is built by the end of the first step)."""
+        import tensorflow as tf
+
+        from minigpt_cli.optimizers import GRAD_NORM
+
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        norm = next((v for v in optimizer.variables if v.path.endswith("/" + GRAD_NORM)), None)
+        writer = self._train_writer
+
+        @tf.function
+        def write(step, host, rate, speed: bool):
+            values = {"loss": host[0], "learning_rate": rate, "tokens_per_second": host[1], "mfu": host[2]}
+            if norm is not None:
+                values["grad_norm"] = norm.value
+            with writer.as_default(step=step), tf.summary.record_if(True):
+                for name in BATCH_SCALARS:
+                    if name in values and (speed or name not in ("tokens_per_second", "mfu")):
+                        tf.summary.scalar(f"batch_{name}", tf.cast(values[name], tf.float32))
+
+        return write
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._read_rate = self._write = None  # a new fit may hold a new optimizer
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._mark = None  # tokens/s within an epoch: not across validation, nor a fit's compiling
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.clock.next_global_step + 1) % self.every == 0:
+            if self._read_rate is None:
+                import tensorflow as tf
+
+                self._read_rate = tf.function(lambda: tf.cast(self.model.optimizer.learning_rate, tf.float32))
+            self._rate = self._read_rate()  # the rate this step uses, left on the device
+
+    def on_train_batch_end(self, batch, logs=None):
+        import numpy as np
+
+        now, step = time.perf_counter(), self.clock.global_step
+        mark, self._mark = self._mark, (now, step)
+        if step % self.every:
+            self._mark = mark or self._mark
+            return
+        speed = mark is not None and step > mark[1] and now > mark[0]
+        tps = (step - mark[1]) * self.tokens_per_step / (now - mark[0]) if speed else 0.0
+        mfu = self.mfu_of(tps) if speed and self.mfu_of is not None else 0.0
+        loss = float((logs or {}).get("batch_loss", float("nan")))
+        host = np.array([loss, tps, mfu], dtype=np.float32)
+        if self._write is None:
+            self._write = self._make_writer()
+        self._write(np.array(step, dtype=np.int64), host, self._rate, speed=speed)
+        self._train_writer.flush()  # a checkpoint at this step then covers what is on disk (~30 µs)
+
+    def on_test_end(self, logs=None):
+        pass  # Keras' "evaluation_*_vs_iterations" would count updates, not steps
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.clock.epoch_finished:
+            return
+        step = (epoch + 1) * self.clock.steps_per_epoch
+        row = next((r for r in reversed(self.history) if r["epoch"] == epoch + 1), None)
+        if row is not None:
+            names = ("loss", "perplexity", "val_loss", "val_perplexity", "tokens_per_second", "mfu")
+            self._log_epoch_metrics(step, {k: row[k] for k in names if k in row and math.isfinite(row[k])})
+        if self.sample is not None and self.sample.latest is not None and self.sample.latest[0] == epoch:
+            with self._train_writer.as_default(), self.summary.record_if(True):
+                self.summary.text("sample", self.sample.latest[1], step=step)
+        self.flush()  # the epoch's checkpoint comes next: what it covers is on disk
+
+    def flush(self) -> None:
+        for writer in self._writers.values():
+            writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the writers, however training ended."""
+        self._close_writers()
+
+
+def trim_events(log_dir: Path, upto: int) -> None:
+    """Drop the summaries past global step ``upto`` from the event files under ``log_dir``.
+
+    A run killed after its last checkpoint may have logged steps that its
+    resume logs again; without this, TensorBoard would show them twice. A
+    file whose last record was cut short is rewritten whole; files left with
+    no summary are removed (``upto`` 0: a new run starts new curves).
+    """
+    if not log_dir.is_dir():
+        return
+    import tensorflow as tf
+
+    for stale in log_dir.rglob(".trim-*"):  # what a kill during an earlier trim left
+        stale.unlink(missing_ok=True)
+    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+        kept, changed = [], False
+        try:
+            for record in tf.data.TFRecordDataset(str(path)):
+                raw = record.numpy()
+                event = tf.compat.v1.Event.FromString(raw)
+                if event.HasField("summary") and event.step > upto:
+                    changed = True
+                else:
+                    kept.append((raw, event.HasField("summary")))
+        except tf.errors.DataLossError:  # cut short by a kill
+            changed = True
+        if not changed:
+            continue
+        if not any(has_summary for _, has_summary in kept):
+            path.unlink()
+            continue
+        # Under a name without "tfevents" (TensorBoard reads every such file), then renamed over the original.
+        tmp = path.parent / f".trim-{path.name[len('events.out.'):]}"
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for raw, _ in kept:
+                writer.write(raw)
+        fsync_file(tmp)
+        os.replace(tmp, path)

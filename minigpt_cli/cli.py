@@ -71,6 +71,10 @@ EndAtParagraphOpt = Annotated[
 ShowProbsOpt = Annotated[
     bool, typer.Option("--show-probs", help="Color each new token by the probability it was chosen with.")
 ]
+BestOpt = Annotated[
+    bool,
+    typer.Option("--best", help="Use model.best.keras (the epoch with the lowest validation loss), not model.keras."),
+]
 
 
 def _load_tensorflow() -> None:
@@ -82,20 +86,24 @@ def _load_tensorflow() -> None:
         import keras_hub  # noqa: F401
 
 
-def _load_run(run: RunDir, cfg: Config, need_model: bool = True):
-    """The run's vocabulary and (with ``need_model``) model, with TensorFlow loaded."""
+def _model_file(run: RunDir, best: bool = False) -> Path:
+    """The run's model file: ``model.keras``, or with ``best`` (``--best``) ``model.best.keras``; it must exist."""
+    return run.require_best_model() if best else run.require_model()
+
+
+def _load_run(run: RunDir, cfg: Config, need_model: bool = True, best: bool = False):
+    """The run's vocabulary and (with ``need_model``) model, with TensorFlow loaded; ``best``: see ``_model_file``."""
     run.require_vocab()
-    if need_model:
-        run.require_model()
+    path = _model_file(run, best) if need_model else None
     _load_tensorflow()
     from minigpt_cli.vocab import read_vocabulary
 
     vocab = read_vocabulary(run.vocab, cfg.vocab)
-    if not need_model:
+    if path is None:
         return vocab, None
     from minigpt_cli.model import load_model
 
-    return vocab, load_model(run.model, len(vocab))
+    return vocab, load_model(path, len(vocab))
 
 
 def _trained_runs(root: Path = Path("runs")) -> list[Path]:
@@ -162,7 +170,8 @@ def vocab(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = No
         _save_config(cfg, run)  # only once the vocabulary it describes is written
     note = "" if report.size == report.requested else f" ({report.requested} asked; the text gives no more)"
     out.print(
-        f"vocabulary: {report.size:,} tokens{note} from {report.train_lines:,} lines in {report.seconds:.1f}s; "
+        f"vocabulary: {report.size:,} tokens{note} from {report.train_lines:,} lines in {report.seconds:.1f}s "
+        f"by the {report.learner} learner; "
         f"[UNK] share on the validation text {report.unknown_share:.2%} -> {run.vocab}"
     )
 
@@ -238,16 +247,19 @@ def evaluate(
         Windows | None, typer.Option(help="How to cut the text (default: data.windows, the way the run was trained).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    best: BestOpt = False,
 ) -> None:
     """Loss, perplexity and bits per character of the run's model on any text."""
     cfg, run = _setup(config, run_dir, set_, find_trained=True)
     windows = windows or cfg.data.windows
     run.require_vocab()
-    run.require_model()
+    model_file = _model_file(run, best)
     _load_tensorflow()
     from minigpt_cli.evaluate import evaluate as evaluate_run
 
-    result = evaluate_run(run, data, windows, cfg.data.min_string_len, cfg.vocab, cfg.data.batch_size)
+    result = evaluate_run(
+        run, data, windows, cfg.data.min_string_len, cfg.vocab, cfg.data.batch_size, model_file=model_file
+    )
     if as_json:
         print(json.dumps(result.__dict__))
         return
@@ -327,6 +339,7 @@ def generate(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per sample (with --stream, one per piece too).")
     ] = False,
+    best: BestOpt = False,
 ) -> None:
     """Generate text from the run's trained model."""
     cfg, run = _setup(config, run_dir, set_, find_trained=True)
@@ -343,7 +356,7 @@ def generate(
         raise MinigptError("--show-probs needs a sampler that picks one token at a time; beam search scores beams")
     prompts = _read_prompts(prompt, prompt_file)
     run.require_vocab()
-    run.require_model()
+    _model_file(run, best)
 
     from minigpt_cli.samplers import controls as decoding_controls
     from minigpt_cli.samplers import sampler_spec
@@ -360,7 +373,7 @@ def generate(
         min_p=min_p,
         end_at_paragraph=end_at_paragraph,
     )
-    vocabulary, model = _load_run(run, cfg)
+    vocabulary, model = _load_run(run, cfg, best=best)
     from minigpt_cli.generate import Generator
 
     generator = Generator(model, vocabulary.tokenizer(), jit_compile=g.jit_compile)
@@ -442,12 +455,28 @@ def show_config(
     run_dir: RunDirOpt = None,
     set_: SetOpt = None,
     keys: Annotated[bool, typer.Option("--keys", help="List every config key.")] = False,
+    size: Annotated[
+        bool,
+        typer.Option(
+            "--size", help="Print parameters, FLOPs per token, memory for a batch and the time an epoch takes here."
+        ),
+    ] = False,
 ) -> None:
-    """Print the resolved config as TOML (or, with --keys, every key)."""
+    """Print the resolved config as TOML (or, with --keys, every key; with --size, what training it costs)."""
     if keys:
         print("\n".join(all_keys()))
         return
-    cfg, _ = _setup(config, run_dir, set_)
+    cfg, run = _setup(config, run_dir, set_)
+    if size:
+        from minigpt_cli.flops import cached_peak, machine_peak, plan_for
+
+        peak = cached_peak(cfg.train.precision)
+        if peak is None:  # TensorFlow starts only for this, once per machine
+            err.print("measuring this machine's peak FLOP/s (once)...")
+            with quiet_native_stderr():
+                peak = machine_peak(cfg.train.precision)
+        print("\n".join(plan_for(cfg, run, peak).lines()))
+        return
     print(dumps(cfg), end="")
 
 

@@ -40,6 +40,7 @@ def chat(
     min_p: MinPOpt = None,
     end_at_paragraph: EndAtParagraphOpt = None,
     show_probs: ShowProbsOpt = False,
+    best: BestOpt = False,
     warm_up: Annotated[
         bool, typer.Option(hidden=True, help="Compile the generation loop while the first prompt is typed.")
     ] = True,
@@ -71,13 +72,13 @@ def chat(
         end_at_paragraph=end_at_paragraph,
     )
     run.require_vocab()  # before the note and the loading status
-    run.require_model()
+    _model_file(run, best)
     terminal = sys.stdin.isatty()
     if note:
         err.print(note)
     # TensorFlow's threads start now: they must leave Ctrl-C to the main thread (see sigint_held).
     with sigint_held(), err.status("loading the model...") if terminal else contextlib.nullcontext():
-        vocabulary, model = _load_run(run, cfg)
+        vocabulary, model = _load_run(run, cfg, best=best)
         from minigpt_cli.generate import Generator
 
         generator = Generator(model, vocabulary.tokenizer(), jit_compile=cfg.generate.jit_compile)
@@ -119,6 +120,7 @@ def _read_line(_prompt: str) -> str:
 
 # At the end: cli.py imports this module at its end, and this module may be imported first.
 from minigpt_cli.cli import (  # noqa: E402
+    BestOpt,
     ConfigOpt,
     EndAtParagraphOpt,
     KOpt,
@@ -133,6 +135,7 @@ from minigpt_cli.cli import (  # noqa: E402
     TemperatureOpt,
     _colored,
     _load_run,
+    _model_file,
     _setup,
     err,
     out,

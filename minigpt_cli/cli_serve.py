@@ -46,6 +46,7 @@ def serve(
     chunk_pause_ms: Annotated[
         float, typer.Option(hidden=True, help="Sleep between generation chunks (tests and demos of streaming).")
     ] = 0.0,
+    best: BestOpt = False,
 ) -> None:
     """Serve the run's model over HTTP with OpenAI's completions API; batches requests that arrive together.
 
@@ -72,11 +73,11 @@ def serve(
     specs = [default_spec(g), SamplerSpec("greedy", temperature=g.temperature)]  # refuses beam search
     decoding = controls(g)
     run.require_vocab()
-    run.require_model()
+    model_file = _model_file(run, best)
     from minigpt_cli.serve import bind
 
     sock = bind(host, port)  # before the model loads: a port in use fails at once
-    vocabulary, model = _load_run(run, cfg)
+    vocabulary, model = _load_run(run, cfg, best=best)
     from minigpt_cli.batching import Engine
     from minigpt_cli.generate import Generator
     from minigpt_cli.serve import create_app
@@ -89,7 +90,7 @@ def serve(
     with err.status("compiling the generation loop..."):
         engine.warm(specs, decoding)  # the loops most requests use: temperature 0, the run's defaults
     name = run.root.resolve().name
-    app = create_app(engine, name, g, api_key=api_key, created=int(run.model.stat().st_mtime))
+    app = create_app(engine, name, g, api_key=api_key, created=int(model_file.stat().st_mtime))
     if not _loopback(host) and api_key is None:
         err.print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it")
     err.print(
@@ -112,4 +113,4 @@ def _loopback(host: str) -> bool:
 
 
 # At the end: cli.py imports this module at its end, and this module may be imported first.
-from minigpt_cli.cli import ConfigOpt, RunDirOpt, SetOpt, _load_run, _setup, err  # noqa: E402
+from minigpt_cli.cli import BestOpt, ConfigOpt, RunDirOpt, SetOpt, _load_run, _model_file, _setup, err  # noqa: E402

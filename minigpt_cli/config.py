@@ -27,6 +27,9 @@ Sampler = Literal["greedy", "beam", "random", "topk", "topp"]
 #: How text is cut into training windows (see ``minigpt_cli.windows``).
 Windows = Literal["reference", "packed"]
 Switch = Literal["auto", "true", "false"]
+#: Who learns the WordPiece vocabulary: the reference's KerasHub/tensorflow-text learner, or Hugging Face
+#: ``tokenizers``' WordPiece trainer (Rust, every core); both write a ``vocab.txt`` KerasHub reads.
+Learner = Literal["keras-hub", "tokenizers"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
 WINDOWS: tuple[str, ...] = typing.get_args(Windows)
 
@@ -45,6 +48,8 @@ class DataConfig:
     windows: Windows = "reference"
     min_string_len: int = field(default=512, metadata=_range(0))
     batch_size: int = field(default=64, metadata=_range(1))
+    #: Processes that tokenize the text into the token cache; 0: one per CPU core.
+    tokenize_workers: int = field(default=0, metadata=_range(0))
 
 
 @dataclass
@@ -52,6 +57,7 @@ class VocabConfig:
     size: int = field(default=5000, metadata=_range(4))
     lowercase: bool = True
     reserved_tokens: list[str] = field(default_factory=lambda: ["[PAD]", "[UNK]", "[BOS]"])
+    learner: Learner = "keras-hub"
 
 
 @dataclass
@@ -76,6 +82,12 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata=_range(0))
     min_lr_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0))
     clip_norm: float = field(default=0.0, metadata=_range(0.0))
+    #: Micro-batches of data.batch_size whose gradients are averaged into one update (Keras' optimizer option).
+    grad_accum_steps: int = field(default=1, metadata=_range(1))
+    #: Stop after this many epochs without a lower validation loss; 0: never stop early.
+    early_stop_patience: int = field(default=0, metadata=_range(0))
+    #: TensorBoard: a point every this many steps; 0: as often as costs under 2% of a step (at most 200 an epoch).
+    log_every: int = field(default=0, metadata=_range(0))
     checkpoint_every: int = field(default=0, metadata=_range(0))
     sample_each_epoch: bool = True
     jit_compile: Switch = "auto"

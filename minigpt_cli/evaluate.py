@@ -31,16 +31,17 @@ class Evaluation:
 
 
 def evaluate(run: RunDir, data: str, windows: str, min_string_len: int, vocab_config: VocabConfig | None = None,
-             batch_size: int = 64) -> Evaluation:  # fmt: skip
+             batch_size: int = 64, model_file: Path | None = None) -> Evaluation:  # fmt: skip
     """Mean cross-entropy over every scored token of ``data`` cut into ``windows`` windows.
 
     Bits per character are the scored tokens' total bits over the characters
     of the text those tokens cover (reference windows score only the first
     ``seq_len`` tokens of each long line), so runs with different
-    vocabularies compare on the same footing.
+    vocabularies compare on the same footing. ``model_file``: a model of
+    the run other than ``model.keras`` (``model.best.keras``).
     """
     vocab = read_vocabulary(run.require_vocab(), vocab_config or VocabConfig())
-    model = load_model(run.require_model(), len(vocab))
+    model = load_model(model_file or run.require_model(), len(vocab))
     tokenizer = vocab.tokenizer()
     files = expand_paths(data, "--data")
     check_text(files, line_threshold(windows, min_string_len), "--data")

@@ -59,6 +59,8 @@ class Parent:
             "vocab.size": v.requested,
             "vocab.lowercase": v.lowercase,
             "vocab.reserved_tokens": v.reserved_tokens,
+            # A preset does not say who learned its vocabulary: then the config's vocab.learner stands.
+            **({"vocab.learner": v.learner} if v.learner is not None else {}),
         }
 
     def weights(self) -> list[np.ndarray]:
@@ -165,7 +167,7 @@ def find_parent(path: Path) -> Parent:
             raise MinigptError(f"--init-from: the preset {path} has no tokenizer vocabulary ({vocab_file})")
         tokens = load_vocabulary(vocab_file)
         lowercase = bool(tokenizer.get("config", {}).get("lowercase", True))
-        vocab = Vocabulary(tokens, lowercase, _leading_reserved(tokens), len(tokens))
+        vocab = Vocabulary(tokens, lowercase, _leading_reserved(tokens), len(tokens), learner=None)
         return Parent(path, "preset", vocab, shape, _checksum(path, "preset"))
     what = "no such folder" if not path.exists() else "neither a run with a model.keras nor a KerasHub preset"
     raise MinigptError(f"--init-from: {path} is {what}; give a trained run directory or a folder from 'minigpt export'")
@@ -232,10 +234,13 @@ def unknown_share(windows: np.ndarray, tokens: list[str]) -> float:
     The labels (each window but its first token) are the tokens training
     predicts, each once: packed windows overlap by that first token.
     """
-    ids = np.asarray(windows)[:, 1:]
-    text = (ids != tokens.index(PAD)) & (ids != tokens.index(BOS))
-    total = int(text.sum())
-    return float((ids == tokens.index(UNK)).sum()) / total if total else 0.0
+    pad, bos, unk = tokens.index(PAD), tokens.index(BOS), tokens.index(UNK)
+    total = unknown = 0
+    for start in range(0, len(windows), 1 << 16):  # in blocks: the windows may be a memory-mapped cache
+        ids = np.asarray(windows[start : start + (1 << 16), 1:])
+        total += int(((ids != pad) & (ids != bos)).sum())
+        unknown += int((ids == unk).sum())
+    return unknown / total if total else 0.0
 
 
 def copy_weights(model, weights: list[np.ndarray]) -> None:

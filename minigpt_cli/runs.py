@@ -281,6 +281,11 @@ class RunDir:
         return self.root / "model.keras"
 
     @property
+    def best_model(self) -> Path:
+        """The model of the epoch with the lowest validation loss so far (see ``callbacks.BestModel``)."""
+        return self.root / "model.best.keras"
+
+    @property
     def history_json(self) -> Path:
         return self.root / "history.json"
 
@@ -318,3 +323,12 @@ class RunDir:
         if not self.model.is_file():
             raise MinigptError(f"no trained model in {self.root}: run 'minigpt train --run-dir {self.root}' first")
         return self.model
+
+    def require_best_model(self) -> Path:
+        if not self.best_model.is_file():
+            raise MinigptError(
+                f"no {self.best_model.name} in {self.root}: it is written at the end of each epoch whose validation "
+                f"loss is the lowest so far; train at least one epoch ('minigpt train --run-dir {self.root}'), "
+                "or use model.keras (leave out --best)"
+            )
+        return self.best_model

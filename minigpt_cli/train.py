@@ -10,7 +10,18 @@ rate and schedule, weight decay, clipping) from the current config at the
 checkpoint's step, so raising ``train.epochs`` stretches the cosine as
 planned anew. Keys that would change what the checkpoint's position means
 (the model, the vocabulary, the data and its windows, the seed, the steps
-per epoch, the precision) are refused.
+per epoch, the precision, the gradient accumulation) are refused.
+
+Gradient accumulation (``train.grad_accum_steps`` = N > 1) is Keras'
+optimizer option: ``data.batch_size`` stays the micro-batch, and the
+gradients of N micro-batches are averaged into one update (the effective
+batch is N × ``data.batch_size``; clipping applies to the average). Steps
+still count micro-batches everywhere (the progress bar, ``steps_per_epoch``,
+checkpoints, ``warmup_steps`` and the schedule's length), as Keras' schedules
+do: the update made at micro-step k uses the learning rate of step k. The
+accumulators are optimizer variables, saved in every checkpoint, so a resume
+in the middle of a cycle goes on exactly; a cycle still open when training
+ends is never applied.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import keras_hub
 from rich.console import Console
 
 from minigpt_cli import callbacks as cb
-from minigpt_cli import checkpoints, distribute
+from minigpt_cli import checkpoints, distribute, flops, optimizers
 from minigpt_cli.config import DEFAULT_WEIGHT_DECAY, Config, TrainConfig, dumps, load_config
 from minigpt_cli.errors import MinigptError
 from minigpt_cli.model import MiniGPTCausalLM, build_model, load_model
@@ -36,7 +47,14 @@ from minigpt_cli.vocab import read_vocabulary, write_vocabulary
 from minigpt_cli.windows import prepare_data
 
 #: Config keys a resume must not change: they fix what the checkpoint's weights and position mean.
-FIXED_ON_RESUME = ("seed", "data", "vocab", "model", "train.steps_per_epoch", "train.precision")
+FIXED_ON_RESUME = (
+    "seed", "data", "vocab", "model", "train.steps_per_epoch", "train.precision", "train.grad_accum_steps",
+    "train.validation_steps",  # the best model and early stopping compare val_loss across epochs
+)  # fmt: skip
+#: The value a fixed key had in checkpoints written before it was recorded.
+KEYS_BEFORE_THEY_EXISTED = {"train.grad_accum_steps": 1}
+#: Keys inside those sections that do not change what a checkpoint means.
+FREE_ON_RESUME = ("data.tokenize_workers",)
 
 
 class Interrupted(MinigptError):
@@ -46,7 +64,8 @@ class Interrupted(MinigptError):
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
-    """Adam (the reference) or AdamW, with optional warmup + cosine decay and global-norm clipping."""
+    """Adam (the reference) or AdamW, with optional warmup + cosine decay, global-norm clipping and gradient
+    accumulation; they keep the gradient norm for TensorBoard (``minigpt_cli.optimizers``)."""
     lr = cfg.learning_rate
     if cfg.lr_schedule == "cosine" or cfg.warmup_steps:
         alpha = cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0  # alpha 1: constant after warmup
@@ -59,12 +78,15 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Optim
             warmup_steps=warmup,
         )
     clip = cfg.clip_norm or None
+    accumulate = cfg.grad_accum_steps if cfg.grad_accum_steps > 1 else None
     if cfg.optimizer == "adamw":
         decay = DEFAULT_WEIGHT_DECAY if cfg.weight_decay is None else cfg.weight_decay
-        optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=decay, global_clipnorm=clip)
+        optimizer = optimizers.AdamW(
+            learning_rate=lr, weight_decay=decay, global_clipnorm=clip, gradient_accumulation_steps=accumulate
+        )
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
         return optimizer
-    return keras.optimizers.Adam(learning_rate=lr, global_clipnorm=clip)
+    return optimizers.Adam(learning_rate=lr, global_clipnorm=clip, gradient_accumulation_steps=accumulate)
 
 
 def compile_model(model: MiniGPTCausalLM, cfg: Config, total_steps: int) -> None:
@@ -82,20 +104,29 @@ def _slot_key(variable) -> str:
     return variable.path.split("/", 1)[-1]  # without the optimizer's own name ("adam/", "adam_w_1/")
 
 
+def _carried(variable) -> bool:
+    """Whether a resume copies this optimizer variable: not the learning rate (the recipe's), nor the last
+    gradient norm (a record, absent from checkpoints written before it was kept)."""
+    return variable.path.rsplit("/", 1)[-1] not in ("learning_rate", optimizers.GRAD_NORM)
+
+
 def recompile_with_state(model: MiniGPTCausalLM, cfg: Config, total_steps: int) -> None:
     """Compile ``model`` (loaded with its optimizer) with the current recipe, keeping the optimizer's state.
 
     The step count and the moment estimates carry over; the learning rate,
     its schedule, weight decay and clipping come from ``cfg``.
     """
-    saved = [v for v in model.optimizer.variables if _slot_key(v) != "learning_rate"]
+    saved = [v for v in model.optimizer.variables if _carried(v)]
+    norm = optimizers.grad_norm(model.optimizer)  # None in a checkpoint from before it was kept
     compile_model(model, cfg, total_steps)
     model.optimizer.build(model.trainable_variables)
-    fresh = [v for v in model.optimizer.variables if _slot_key(v) != "learning_rate"]
+    fresh = [v for v in model.optimizer.variables if _carried(v)]
     if [_slot_key(v) for v in saved] != [_slot_key(v) for v in fresh]:
         raise MinigptError("the checkpoint's optimizer state does not fit this model; train again without --resume")
     for new, old in zip(fresh, saved, strict=True):
         new.assign(old)
+    if norm is not None:
+        optimizers.set_grad_norm(model.optimizer, norm)
 
 
 def _flat(cfg: Config) -> dict[str, object]:
@@ -111,12 +142,15 @@ def _flat(cfg: Config) -> dict[str, object]:
 def fixed_keys(cfg: Config) -> dict[str, object]:
     """The values of the keys in ``FIXED_ON_RESUME`` (and, with dropout, ``train.jit_compile``)."""
     fixed = FIXED_ON_RESUME + (("train.jit_compile",) if cfg.model.dropout > 0 else ())
-    return {k: v for k, v in _flat(cfg).items() if any(k == f or k.startswith(f + ".") for f in fixed)}
+    return {
+        k: v for k, v in _flat(cfg).items()
+        if any(k == f or k.startswith(f + ".") for f in fixed) and k not in FREE_ON_RESUME
+    }  # fmt: skip
 
 
 def resume_conflicts(trained: Config | dict, now: Config) -> list[str]:
     """The fixed keys whose value differs between what a checkpoint was trained with and ``now``."""
-    old = fixed_keys(trained) if isinstance(trained, Config) else trained
+    old = fixed_keys(trained) if isinstance(trained, Config) else {**KEYS_BEFORE_THEY_EXISTED, **trained}
     new = fixed_keys(now)
     return [
         f"{key}: {old[key]!r} -> {new.get(key)!r}" for key in old if key != "vocab_sha256" and old[key] != new.get(key)
@@ -176,6 +210,7 @@ def train(
                 f"--resume cannot change {'; '.join(conflicts)} (the checkpoint was trained with the old values); "
                 "resume with the run's own config, or train a new run"
             )
+        cb.repair_best_model(run, cb.read_history(run, position.epoch), position)  # before any refusal below
     if position is not None and run.config.is_file():  # the run's record of its parent stays
         old = load_config(run.config).train
         cfg = copy.deepcopy(cfg)
@@ -184,13 +219,19 @@ def train(
     dist = distribute.setup(cfg.train.distribution, cfg.train.devices, cfg.train.worker_timeout)
     distribute.set_precision(cfg.train.precision)
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.train.grad_accum_steps > 1 and dist.strategy is not None:
+        raise MinigptError(
+            f"train.grad_accum_steps = {cfg.train.grad_accum_steps} needs train.distribution = \"none\" (got "
+            f"{dist.kind}): Keras' gradient accumulation does not run under tf.distribute; set "
+            "train.distribution=none, or raise data.batch_size instead"
+        )
     if cfg.data.batch_size % dist.replicas:
         raise MinigptError(
             f"data.batch_size {cfg.data.batch_size} does not split over {dist.replicas} replicas; "
             f"use a multiple of {dist.replicas}"
         )
     parent_weights = parent.weights() if parent is not None else None  # a bad parent fails before tokenizing
-    data = prepare_data(cfg, run, vocab)
+    data = prepare_data(cfg, run, vocab, console)
     steps_per_epoch = cfg.train.steps_per_epoch or data.train.per_pass
     epochs = cfg.train.epochs
     if position is not None:
@@ -203,6 +244,13 @@ def train(
             raise MinigptError(
                 f"{run.root} has already trained {position.epoch} epochs; to train more, resume with "
                 f"--set train.epochs={position.epoch + 1} or more (the schedule is stretched to the new total)"
+            )
+        patience = cfg.train.early_stop_patience
+        best_row, since = cb.best_epoch(cb.read_history(run, position.epoch))
+        if patience and since >= patience:
+            raise MinigptError(
+                f"{run.root} has stopped early: {cb.stall(best_row, since)} (train.early_stop_patience = {patience}); "
+                f"to train on, resume with --set train.early_stop_patience={since + 1} or more (0: never stop early)"
             )
     # Only the chief writes the run's artifacts; other workers write theirs to a scratch folder.
     out = run if dist.is_chief else RunDir(Path(tempfile.mkdtemp(prefix="minigpt-worker-")))
@@ -254,11 +302,26 @@ def train(
                 "cannot read or write those words; fine-tune on text closer to the parent's or train from scratch"
             )
     role = "" if dist.is_chief else f" (not the chief: its artifacts go to {out.root})"
+    accumulate = cfg.train.grad_accum_steps
+    update = f", × {accumulate} accumulated = {cfg.data.batch_size * accumulate} per update" if accumulate > 1 else ""
     console.print(
         f"distribution: {dist.kind}, {dist.replicas} replica(s) on {dist.workers} worker(s){role}; "
-        f"global batch {cfg.data.batch_size}, {cfg.data.batch_size // dist.replicas} per replica; "
+        f"global batch {cfg.data.batch_size}, {cfg.data.batch_size // dist.replicas} per replica{update}; "
         f"precision {cfg.train.precision}; XLA {'on' if model.jit_compile else 'off'}"
     )
+    if accumulate > 1 and (epochs * steps_per_epoch) % accumulate:
+        console.print(
+            f"note: {epochs * steps_per_epoch:,} steps are not a multiple of train.grad_accum_steps = {accumulate}: "
+            f"the gradients of the last {(epochs * steps_per_epoch) % accumulate} are never applied"
+        )
+    plan = flops.Plan(
+        flops.Shape.of(len(vocab), cfg.model), cfg.data.batch_size, accumulate, cfg.train.precision,
+        flops.machine_peak(cfg.train.precision, note=console.print), bool(model.jit_compile), epochs,
+        devices=flops.devices(dist.replicas, dist.workers), steps_per_epoch=steps_per_epoch,
+        valid_steps=min(cfg.train.validation_steps or data.valid.per_pass, data.valid.per_pass),
+    )  # fmt: skip
+    for line in plan.summary():
+        console.print(line)
 
     stop = cb.StopFlag(dist.strategy, collective=dist.kind == "multi_worker")
     clock = cb.Clock(steps_per_epoch)
@@ -272,7 +335,7 @@ def train(
         own.append(cb.DropoutSeeds(clock, cfg.seed))
     own += [
         cb.StepLosses(clock, data.train.tokens, steps),
-        cb.HistoryWriter(clock, out, history, steps, tokens_per_step, epochs, console),
+        cb.HistoryWriter(clock, out, history, steps, tokens_per_step, epochs, console, mfu_of=plan.mfu),
     ]
     if cfg.train.sample_each_epoch and dist.is_chief:
         from minigpt_cli.generate import Generator
@@ -285,8 +348,21 @@ def train(
                 cfg.generate.max_tokens, console,
             )
         )  # fmt: skip
-    progress = cb.ProgressBar(clock, tokens_per_step, epochs, console)
-    own += [checkpointer, progress]
+    board = None
+    if dist.is_chief and not cb.tensorboard_installed():
+        console.print("note: no TensorBoard logs: the tensorboard package is missing (pip install tensorboard)")
+    elif dist.is_chief:  # TensorBoard: after the history row and the sample it logs, before the checkpoint
+        cb.trim_events(out.root / "logs", position.global_step if position else 0)
+        sample = next((c for c in own if isinstance(c, cb.EpochSample)), None)
+        every = cfg.train.log_every or cb.tensorboard_every(steps_per_epoch, plan.step_seconds)
+        board = cb.TensorBoardLogs(clock, out.root / "logs", every, tokens_per_step, history, plan.mfu, sample)
+        own.append(board)
+    progress = cb.ProgressBar(clock, tokens_per_step, epochs, console, mfu_of=plan.mfu)
+    # After the checkpoint: model.best.keras is a copy of the epoch's model.keras, and an early stop comes last.
+    best = cb.BestModel(clock, out, history, cfg.train.early_stop_patience, epochs, console)
+    if dist.is_chief:
+        best.restore(position)
+    own += [checkpointer, best, progress]
     valid_steps = min(cfg.train.validation_steps or data.valid.per_pass, data.valid.per_pass)
     # Keras warns at the end of every validation pass over a dataset of unknown length.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
@@ -310,7 +386,7 @@ def train(
             if start_step:
                 fit(start_epoch, start_epoch + 1, start_step)
                 start_epoch += 1
-            if start_epoch < epochs and stop.signal is None:
+            if start_epoch < epochs and stop.signal is None and not best.stopped:
                 fit(start_epoch, epochs, 0)
     except cb.StopTraining:
         pass  # the stop's checkpoint is written; said below
@@ -326,13 +402,15 @@ def train(
         raise MinigptError(f"a worker of the cluster stopped answering ({type(e).__name__}); {then}") from None
     finally:
         progress.stop()
+        if board is not None:
+            board.close()
         if not dist.is_chief:  # its scratch folder goes, however training ended
             import shutil
 
             shutil.rmtree(out.root, ignore_errors=True)
     last = checkpointer.last
     finished = last is not None and last.epoch >= epochs
-    if stop.signal is not None and not finished:
+    if stop.signal is not None and not finished and not best.stopped:
         name = signal.Signals(stop.signal).name
         where = f"epoch {last.epoch + 1}, step {last.step}" if last else "the start"
         raise Interrupted(

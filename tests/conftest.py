@@ -61,6 +61,15 @@ def assert_user_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_cache(tmp_path_factory):
+    """``$XDG_CACHE_HOME`` for the session: the peak FLOP/s probe runs once per session, never in the user's cache."""
+    path = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """vocab -> train through the CLI once; tests read (never modify) this run."""

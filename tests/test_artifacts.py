@@ -171,6 +171,8 @@ def test_checkpoint_pointer_from_before_checksums_is_accepted(tmp_path, keras_mo
 
 
 def test_damaged_token_cache_is_rebuilt_never_used(tmp_path):
+    import hashlib
+
     from minigpt_cli.vocab import make_tokenizer
     from minigpt_cli.windows import cut_windows, load_windows
 
@@ -181,41 +183,46 @@ def test_damaged_token_cache_is_rebuilt_never_used(tmp_path):
     cache = tmp_path / "cache"
 
     def load():
-        return load_windows(cache, vocab, tokenizer, [text], "packed", 16, 64, True)
+        got = load_windows(cache, vocab, tokenizer, [text], "packed", 16, 64, True)
+        return np.array(got.windows), got.cached
 
     expected = cut_windows([text], tokenizer, "packed", 16, 64)
     assert len(expected) > 10
     windows, cached = load()
     assert not cached
     np.testing.assert_array_equal(windows, expected)
-    [npy] = cache.glob("*.npy")
-    good = npy.read_bytes()
+    [raw] = cache.glob("*.bin")
+    sidecar = raw.with_suffix(".json")
+    good, good_meta = raw.read_bytes(), sidecar.read_text()
     assert load()[1], "a whole cache is read back"
-
-    def other_npy(array) -> bytes:
-        np.save(tmp_path / "other.npy", array)
-        return (tmp_path / "other.npy").read_bytes()
+    meta = json.loads(good_meta)
+    ids = np.frombuffer(good, dtype=meta["dtype"])
+    out_of_range = ids.copy()
+    out_of_range[5] = len(vocab) + 3
+    bad = out_of_range.tobytes()
 
     damaged = {
-        "truncated": good[: len(good) // 2],
-        "truncated to the header": good[:128],
-        "empty": b"",
-        "not an npy": b"not a numpy file at all",
-        "wrong shape": other_npy(expected[:, :5].copy()),
-        "wrong dtype": other_npy(expected.astype(np.float32)),
-        "other windows of the right shape": other_npy(np.roll(expected, 1, axis=0).astype(np.uint16)),
-    }
-    for what, data in damaged.items():
-        npy.write_bytes(data)
+        "truncated": (good[: len(good) // 2], good_meta),
+        "empty": (b"", good_meta),
+        "same size, other bytes": (good[::-1], good_meta),
+        "sidecar of another shape": (good, json.dumps({**meta, "shape": [len(ids) - 1]})),
+        "sidecar of another dtype": (good, json.dumps({**meta, "dtype": "int32"})),
+        "sidecar not JSON": (good, "{"),
+        "an id outside the vocabulary, sidecar agreeing": (
+            bad, json.dumps({**meta, "sha256": hashlib.sha256(bad).hexdigest()})
+        ),
+    }  # fmt: skip
+    for what, (data, side) in damaged.items():
+        raw.write_bytes(data)
+        sidecar.write_text(side)
         windows, cached = load()
         assert not cached, what
         np.testing.assert_array_equal(windows, expected, err_msg=what)
-        assert npy.read_bytes() == good, f"{what}: the cache was not rewritten"
+        assert raw.read_bytes() == good and json.loads(sidecar.read_text()) == meta, f"{what}: not rewritten"
         windows, cached = load()
         assert cached, what
         np.testing.assert_array_equal(windows, expected, err_msg=what)
-    for sidecar in cache.glob("*.json"):  # a cache from before sidecars, or one whose sidecar was lost
-        sidecar.unlink()
+    sidecar.unlink()  # a cache whose sidecar was lost
     assert not load()[1]
     assert load()[1]
 

@@ -77,7 +77,8 @@ def test_cache_key_follows_contents_and_vocab(tmp_path, vocab):
     assert key == cache_key(vocab, [f], "packed", 32, 64, True)
     assert key != cache_key(vocab + ["extra"], [f], "packed", 32, 64, True)
     assert key != cache_key(vocab, [f], "reference", 32, 64, True)
-    assert key != cache_key(vocab, [f], "packed", 16, 64, True)  # seq_len
+    # The packed cache is the token stream: any seq_len cuts its windows, so it is shared.
+    assert key == cache_key(vocab, [f], "packed", 16, 64, True)
     assert key != cache_key(vocab, [f], "packed", 32, 64, False)  # lowercase
     reference = cache_key(vocab, [f], "reference", 32, 64, True)
     assert reference != cache_key(vocab, [f], "reference", 32, 128, True)  # min_string_len drops reference lines
@@ -162,7 +163,8 @@ def test_second_run_reads_the_token_cache(tmp_path):
     assert "packed windows," in first.stderr and "(from the cache)" not in first.stderr
     second = minigpt("train", "--run-dir", run, *sets)
     assert "(from the cache)" in second.stderr
-    assert len(list((run / "cache").glob("windows-packed-*.npy"))) == 2  # train and valid
+    assert "tokenized data.train" in first.stderr and "tokenized data.train" not in second.stderr
+    assert len(list((run / "cache").glob("tokens-packed-*.bin"))) == 2  # train and valid
     png = (run / "training_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
