@@ -22,7 +22,7 @@ second, best of 3 rounds), cached in ``$XDG_CACHE_HOME/minigpt/peak.json``
 (``~/.cache/minigpt``), keyed by the CPU, its usable cores, the GPUs the
 driver lists, the dtype and the Keras backend.
 
-**Time per step** = training FLOPs per step ÷ (peak × ``EFFICIENCY``) + a
+**Time per step** = training FLOPs per step ÷ (peak × ``EFFICIENCY[xla]``) + a
 fixed per-step overhead (``step_overhead``): a FLOPs count alone is far off
 for small models, whose steps are dominated by dispatch, not arithmetic.
 Both terms were measured on a 2-core AMD EPYC (see their comments); on other
@@ -40,11 +40,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-#: The share of the matmul probe's peak a training step's FLOPs run at, measured on a 2-core AMD EPYC (fastest
-#: steps against the probe's fastest round, each pair measured together): 0.7-0.9 for the reference's 3.3 M
-#: parameters (batch 64 × 128, XLA), 0.5-0.75 for 0.5 M (V 1000, window 64, 128 wide, batch 32, XLA), 0.95-1.05
-#: for 0.3 M (V 183, the same shape, batch 64, no XLA). The rest goes to work the FLOPs count leaves out.
-EFFICIENCY = 0.75
+#: The share of the matmul probe's peak a training step's FLOPs run at, with XLA and without, measured on a
+#: 2-core AMD EPYC with nothing else running (probe 120-128 GFLOP/s): 0.65 for the reference's shape (V 2,857,
+#: batch 64 × 128, XLA: median step), 0.29 for a 0.3 M-parameter model (V 300, window 64, 128 wide, batch 64,
+#: no XLA: fastest step). Readings taken while other programs ran (probe 20-75 GFLOP/s) were higher and are not
+#: used. The rest goes to work the FLOPs count leaves out.
+EFFICIENCY = {True: 0.6, False: 0.3}
 
 #: UTF-8 bytes per token (a [BOS] per line included) of English prose under a vocabulary learned from it,
 #: measured on books/train.txt (11.8 MB) with vocabularies of 953, 2,990 and 4,797 tokens (asked 1,000, 3,000,
@@ -336,9 +337,9 @@ def step_overhead(layers: int, xla: bool) -> float:
 
 
 def step_seconds(s: Shape, batch_size: int, peak: float, xla: bool, forward_only: bool = False) -> float:
-    """Estimated seconds per (micro-)batch step: FLOPs ÷ (peak × EFFICIENCY) + overhead."""
+    """Estimated seconds per (micro-)batch step: FLOPs ÷ (peak × EFFICIENCY[xla]) + overhead."""
     per_token = forward_flops_per_token(s) if forward_only else train_flops_per_token(s)
-    return batch_size * s.seq_len * per_token / (peak * EFFICIENCY) + step_overhead(s.layers, xla)
+    return batch_size * s.seq_len * per_token / (peak * EFFICIENCY[xla]) + step_overhead(s.layers, xla)
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, peak: float) -> float:
@@ -445,8 +446,9 @@ class Plan:
         s = self.shape
         work = human_flops(self.batch_size * s.seq_len * self.flops_per_token)
         overhead = human_seconds(step_overhead(s.layers, self.xla))
+        share = EFFICIENCY[self.xla]
         step = (
-            f"{human_seconds(self.step_seconds)} per step ({work} at {EFFICIENCY:.0%} of the peak + {overhead}"
+            f"{human_seconds(self.step_seconds)} per step ({work} at {share:.0%} of the peak + {overhead}"
             f" with XLA {'on' if self.xla else 'off'})"
         )
         epoch = self.epoch_seconds
