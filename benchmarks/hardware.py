@@ -1,17 +1,7 @@
-"""What the benchmarks ran on: the CPU's name, for the line each prints."""
+"""What the benchmarks ran on: the CPU's name, for the line each prints (the one ``minigpt config --size`` uses)."""
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
+from minigpt_cli.flops import cpu_name
 
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, or what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+__all__ = ["cpu_name"]
