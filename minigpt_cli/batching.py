@@ -306,21 +306,33 @@ class Engine:
         any shape goes (the XLA loop takes its output as it is).
         """
         if self._prefill_fn is None:
-            import tensorflow as tf
+            import keras
+            from keras import ops
+
+            from minigpt_cli.backend import compiled
 
             model = self.gen.model
             backbone = model.backbone
             head_dim = backbone.embedding_dim // backbone.num_heads
             per_position = backbone.num_layers * 2 * backbone.num_heads * head_dim
 
-            @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32)],
-                         autograph=False)  # fmt: skip
-            def prefill(token_ids, upto):
-                batch, length = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
-                cache = tf.zeros([batch, length * per_position], model.compute_dtype)
-                _, _, cache = model.call_with_cache(token_ids[:, :upto], cache, 0, tf.not_equal(token_ids, 0))
+            tensorflow = keras.config.backend() == "tensorflow"
+
+            def fill(token_ids, upto):
+                batch, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+                cache = ops.zeros([batch, length * per_position], model.compute_dtype)
+                # JAX compiles for static shapes: there the whole buffer goes through (the same cache up to
+                # ``upto``, as each position's keys and values depend only on the tokens up to it).
+                upto_ids = token_ids[:, :upto] if tensorflow else token_ids
+                _, _, cache = model.call_with_cache(upto_ids, cache, 0, ops.not_equal(token_ids, 0))
                 return cache
 
+            signature = None
+            if tensorflow:
+                import tensorflow as tf
+
+                signature = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32)]
+            prefill = compiled(fill, model, [], xla=False, tf_signature=signature)
             self._prefill_fn = prefill
         return self._prefill_fn
 
@@ -353,7 +365,10 @@ class Engine:
 
     def _generate(self, jobs: list[Job]) -> None:
         """Run these jobs (one compiled-loop key) as one batched call, handing out text as it settles."""
-        import tensorflow as tf
+        import numpy as np
+        from keras import ops
+
+        from minigpt_cli.generate import _int
 
         rows = self._rows(jobs)
         if not rows:
@@ -375,7 +390,7 @@ class Engine:
             length = max(r.start + r.new_tokens for r in rows)
         token_ids, mask, probs = gen._buffers(encoded, length)
         index, last = min(r.start for r in rows), max(r.start + r.new_tokens for r in rows)
-        cache = self._prefill()(token_ids, index)
+        cache = self._prefill()(token_ids, _int(index))
         self.stats["batches"] += 1
         self.stats["xla_batches"] += xla
         self.stats["rows"] += len(rows)
@@ -389,9 +404,10 @@ class Engine:
             while index < last and live:
                 size = next(sizes, size)
                 steps = min(size, last - index)
-                token_ids, cache, end, probs = chunk(token_ids, cache, index, mask, probs, steps)
-                end = int(end)
-                block, chosen = token_ids[:, index:end].numpy(), probs[:, index:end].numpy()
+                token_ids, cache, end, probs = chunk(token_ids, cache, _int(index), mask, probs, _int(steps))
+                end = int(ops.convert_to_numpy(end))
+                block = ops.convert_to_numpy(token_ids[:, index:end])
+                chosen = ops.convert_to_numpy(probs[:, index:end])
                 stalled = end < index + steps  # every row wrote a [BOS]: the loop ended them all
                 for pos, row in enumerate(live):
                     a, b = max(index, row.start), min(end, row.start + row.new_tokens)
@@ -411,9 +427,9 @@ class Engine:
                 # change the others' random numbers (a seeded batch) or the shapes XLA compiled.
                 if len(keep) < len(live) and not seeded and not xla:
                     live = [live[pos] for pos in keep]
-                    at = tf.constant(keep, tf.int32)
-                    token_ids, cache = tf.gather(token_ids, at), tf.gather(cache, at)
-                    mask, probs = tf.gather(mask, at), tf.gather(probs, at)
+                    at = ops.convert_to_tensor(np.array(keep, dtype=np.int32))
+                    token_ids, cache = ops.take(token_ids, at, axis=0), ops.take(cache, at, axis=0)
+                    mask, probs = ops.take(mask, at, axis=0), ops.take(probs, at, axis=0)
                 self.stats["active_rows"] = len(keep)
                 if self.chunk_pause:
                     time.sleep(self.chunk_pause)

@@ -532,17 +532,18 @@ class TensorBoardLogs(keras.callbacks.TensorBoard):
         norm = next((v for v in optimizer.variables if v.path.endswith("/" + GRAD_NORM)), None)
         writer = self._train_writer
 
-        @tf.function
         def write(step, host, rate, speed: bool):
             values = {"loss": host[0], "learning_rate": rate, "tokens_per_second": host[1], "mfu": host[2]}
             if norm is not None:
-                values["grad_norm"] = norm.value
+                values["grad_norm"] = norm.value if graph else keras.ops.convert_to_numpy(norm.value)
             with writer.as_default(step=step), tf.summary.record_if(True):
                 for name in BATCH_SCALARS:
                     if name in values and (speed or name not in ("tokens_per_second", "mfu")):
                         tf.summary.scalar(f"batch_{name}", tf.cast(values[name], tf.float32))
 
-        return write
+        # On TensorFlow one graph call; on JAX and PyTorch the values come to the host and tf.summary runs eagerly.
+        graph = keras.config.backend() == "tensorflow"
+        return tf.function(write) if graph else write
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -557,7 +558,10 @@ class TensorBoardLogs(keras.callbacks.TensorBoard):
             if self._read_rate is None:
                 import tensorflow as tf
 
-                self._read_rate = tf.function(lambda: tf.cast(self.model.optimizer.learning_rate, tf.float32))
+                if keras.config.backend() == "tensorflow":
+                    self._read_rate = tf.function(lambda: tf.cast(self.model.optimizer.learning_rate, tf.float32))
+                else:
+                    self._read_rate = lambda: np.float32(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             self._rate = self._read_rate()  # the rate this step uses, left on the device
 
     def on_train_batch_end(self, batch, logs=None):

@@ -77,12 +77,17 @@ BestOpt = Annotated[
 ]
 
 
-def _load_tensorflow() -> None:
-    with quiet_native_stderr():
-        import tensorflow as tf
+def _load_tensorflow(cfg: Config | None = None) -> None:
+    """Load Keras (and KerasHub) on the backend chosen by KERAS_BACKEND or the config (TensorFlow by default)."""
+    from minigpt_cli.backend import choose, tensorflow_available
 
-        tf.config.list_physical_devices()
-        tf.get_logger().setLevel("ERROR")
+    name, _ = choose(cfg.backend if cfg is not None else "tensorflow")
+    with quiet_native_stderr():
+        if name == "tensorflow" or tensorflow_available():  # KerasHub imports TensorFlow when it is there
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+            tf.get_logger().setLevel("ERROR")
         import keras_hub  # noqa: F401
 
 
@@ -95,7 +100,7 @@ def _load_run(run: RunDir, cfg: Config, need_model: bool = True, best: bool = Fa
     """The run's vocabulary and (with ``need_model``) model, with TensorFlow loaded; ``best``: see ``_model_file``."""
     run.require_vocab()
     path = _model_file(run, best) if need_model else None
-    _load_tensorflow()
+    _load_tensorflow(cfg)
     from minigpt_cli.vocab import read_vocabulary
 
     vocab = read_vocabulary(run.vocab, cfg.vocab)
@@ -162,7 +167,7 @@ def vocab(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = No
     from minigpt_cli.runs import run_lock
 
     with run_lock(run.root, "vocab"):  # before anything is written: one command at a time on a run
-        _load_tensorflow()
+        _load_tensorflow(cfg)
         from minigpt_cli.vocab import build_vocabulary
 
         with err.status("learning the vocabulary..."):
@@ -199,7 +204,7 @@ def train(
     cfg, run = _setup(config, run_dir, set_)
     finetune = bool(cfg.train.init_from) and not resume
     if finetune:  # the parent's shape and vocabulary become the run's: checked before anything is written
-        _load_tensorflow()
+        _load_tensorflow(cfg)
         from minigpt_cli.config import explicit_keys
         from minigpt_cli.finetune import prepare
 
@@ -226,7 +231,7 @@ def train(
 
     # Before anything is written: one command at a time on a run (workers of one job share the chief's).
     with run_lock(run.root, "train", multi_worker=cfg.train.distribution == "multi_worker"):
-        _load_tensorflow()
+        _load_tensorflow(cfg)
         from minigpt_cli.train import train as train_model  # writes config.toml once its checks pass
 
         history = train_model(cfg, run, err, resume=resume)
@@ -254,7 +259,7 @@ def evaluate(
     windows = windows or cfg.data.windows
     run.require_vocab()
     model_file = _model_file(run, best)
-    _load_tensorflow()
+    _load_tensorflow(cfg)
     from minigpt_cli.evaluate import evaluate as evaluate_run
 
     result = evaluate_run(

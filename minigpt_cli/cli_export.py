@@ -40,11 +40,19 @@ def export(
     ] = False,
 ) -> None:
     """Export the run's trained model for use outside minigpt; writes --out and its minigpt-export.json."""
+    from minigpt_cli.errors import MinigptError
     from minigpt_cli.export import check_request
 
     cfg, run = _setup(config, run_dir, set_, find_trained=True)
     check_request(run, format, out_dir, force)  # before TensorFlow loads
-    _load_tensorflow()
+    _load_tensorflow(cfg)
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        raise MinigptError(
+            f"minigpt export runs on the TensorFlow backend (SavedModel, LiteRT and ONNX go through it), not "
+            f"{keras.config.backend()}; run it with KERAS_BACKEND=tensorflow (model.keras is the same on every backend)"
+        )
     from minigpt_cli.export import export as export_run
 
     with err.status(f"exporting {run.root} as {format}..."):

@@ -30,6 +30,8 @@ Switch = Literal["auto", "true", "false"]
 #: Who learns the WordPiece vocabulary: the reference's KerasHub/tensorflow-text learner, or Hugging Face
 #: ``tokenizers``' WordPiece trainer (Rust, every core); both write a ``vocab.txt`` KerasHub reads.
 Learner = Literal["keras-hub", "tokenizers"]
+#: The Keras backend that runs the model (``KERAS_BACKEND``, when set, wins; see ``minigpt_cli.backend``).
+Backend = Literal["tensorflow", "jax", "torch"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
 WINDOWS: tuple[str, ...] = typing.get_args(Windows)
 
@@ -120,6 +122,7 @@ class GenerateConfig:
 @dataclass
 class Config:
     seed: int = field(default=42, metadata=_range(0))
+    backend: Backend = "tensorflow"
     data: DataConfig = field(default_factory=DataConfig)
     vocab: VocabConfig = field(default_factory=VocabConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,4 +1,7 @@
-"""Scaling out on TensorFlow's own engine: tf.distribute strategies and precision policies.
+"""Scaling out: tf.distribute strategies on TensorFlow, ``keras.distribution`` on JAX, and precision policies.
+
+On JAX, ``mirrored`` and ``multi_worker`` are Keras' ``DataParallel`` over
+every device (see ``_setup_jax``); PyTorch trains on one device.
 
 ``train.distribution``:
 
@@ -271,7 +274,19 @@ def set_precision(policy: str) -> None:
 
 
 def setup(distribution: str, devices: list[str], worker_timeout: float) -> Setup:
-    """Build the strategy that ``train.distribution`` asks for."""
+    """Build the strategy that ``train.distribution`` asks for, on the backend Keras runs on."""
+    import keras
+
+    backend = keras.config.backend()
+    if backend == "jax":
+        return _setup_jax(distribution, devices)
+    if backend != "tensorflow":
+        if distribution in ("mirrored", "multi_worker"):
+            raise MinigptError(
+                f"train.distribution = {distribution} runs on TensorFlow (tf.distribute) or JAX "
+                f"(keras.distribution), not {backend}; use KERAS_BACKEND=jax or tensorflow, or train.distribution=none"
+            )
+        return Setup(None, "none", 1, 1, True)
     import tensorflow as tf
 
     if distribution == "multi_worker":
@@ -301,4 +316,37 @@ def setup(distribution: str, devices: list[str], worker_timeout: float) -> Setup
         except (ValueError, RuntimeError) as e:
             raise MinigptError(f"train.devices {devices}: {str(e).splitlines()[0]}") from None
         return Setup(strategy, "mirrored", strategy.num_replicas_in_sync, 1, True)
+    return Setup(None, "none", 1, 1, True)
+
+
+def _setup_jax(distribution: str, devices: list[str]) -> Setup:
+    """Keras' own distribution API on JAX: ``DataParallel`` over every device JAX sees (all processes').
+
+    ``mirrored``: one process, its devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` splits
+    a CPU into N); ``multi_worker``: ``jax.distributed`` first (``keras.distribution.initialize``, which reads
+    ``KERAS_DISTRIBUTION_JOB_ADDRESSES``, ``KERAS_DISTRIBUTION_NUM_PROCESSES`` and
+    ``KERAS_DISTRIBUTION_PROCESS_ID``); ``auto``: mirrored when more than one GPU or TPU is visible.
+    """
+    import jax
+    import keras
+
+    if devices:
+        raise MinigptError(
+            "train.devices names TensorFlow devices; on JAX, mirrored training uses every device JAX sees "
+            "(split a CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N); leave train.devices out"
+        )
+    if distribution == "multi_worker":
+        try:
+            keras.distribution.initialize()
+        except (ValueError, RuntimeError) as e:
+            raise MinigptError(
+                f"could not start jax.distributed ({str(e).splitlines()[0][:200]}); set KERAS_DISTRIBUTION_JOB_"
+                "ADDRESSES, KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID on every worker"
+            ) from None
+    found = jax.devices()
+    accelerators = [d for d in found if d.platform != "cpu"]
+    if distribution in ("mirrored", "multi_worker") or (distribution == "auto" and len(accelerators) > 1):
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=found))
+        kind = "multi_worker" if distribution == "multi_worker" else "mirrored"
+        return Setup(None, kind, len(found), jax.process_count(), jax.process_index() == 0)
     return Setup(None, "none", 1, 1, True)

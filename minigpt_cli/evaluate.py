@@ -8,15 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import tensorflow as tf
+import numpy as np
+from keras import ops
 
+from minigpt_cli.backend import compiled
 from minigpt_cli.config import VocabConfig
 from minigpt_cli.data import check_text, expand_paths, line_threshold
 from minigpt_cli.errors import MinigptError
 from minigpt_cli.model import load_model
 from minigpt_cli.runs import RunDir
 from minigpt_cli.vocab import read_vocabulary
-from minigpt_cli.windows import Batches, cut_windows
+from minigpt_cli.windows import Batches, cut_windows, part_lines, text_parts
 
 
 @dataclass(frozen=True)
@@ -51,18 +53,18 @@ def evaluate(run: RunDir, data: str, windows: str, min_string_len: int, vocab_co
         raise MinigptError(f"--data gives no window of {seq_len + 1} tokens; use more text")
     batches = Batches(cut, batch_size, shuffle=False)
 
-    @tf.function(autograph=False)
-    def scored(x, y, w):
+    def score(x, y, w):
         logits = model(x, training=False)
         ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        return tf.reduce_sum(ce * w), tf.reduce_sum(w)
+        return ops.sum(ce * w), ops.sum(w)
 
+    scored = compiled(score, model, [], xla=False)
     total = count = 0.0
     for step in range(batches.per_pass):
         x, y, w = batches.batch(step)
         s, n = scored(x, y, w)
-        total += float(s)
-        count += float(n)
+        total += float(ops.convert_to_numpy(s))
+        count += float(ops.convert_to_numpy(n))
     characters = scored_characters(files, tokenizer, windows, seq_len, min_string_len)
     return Evaluation(
         windows=windows,
@@ -76,15 +78,19 @@ def evaluate(run: RunDir, data: str, windows: str, min_string_len: int, vocab_co
 
 
 def _lines(files: list[Path]) -> list[str]:
-    """The lines as ``cut_windows`` reads them (``tf.data.TextLineDataset``)."""
-    return [line.decode("utf-8") for line in tf.data.TextLineDataset([str(f) for f in files]).as_numpy_iterator()]
+    """The lines as ``cut_windows`` reads them (as ``tf.data.TextLineDataset`` does)."""
+    return [line.decode("utf-8") for part in text_parts(files) for line in part_lines(part)]
 
 
 def _token_counts(texts: list[str], tokenizer) -> list[int]:
     if not texts:
         return []
+    if hasattr(tokenizer, "tokenize_batch"):  # FastWordPieceTokenizer: no TensorFlow
+        return [len(ids) for ids in tokenizer.tokenize_batch(texts)]
+    import tensorflow as tf
+
     ds = tf.data.Dataset.from_tensor_slices(texts).batch(512).map(lambda t: tokenizer(t).row_lengths())
-    return [int(n) for lengths in ds for n in lengths.numpy()]
+    return [int(n) for lengths in ds for n in np.asarray(lengths)]
 
 
 def _prefix_characters(cuts: list[tuple[str, int]], tokenizer) -> list[float]:

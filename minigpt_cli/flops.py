@@ -239,26 +239,12 @@ def gpu_peak(name: str, dtype: str, tf32: bool = True) -> float | None:
 
 
 def probe(dtype: str = "float32", n: int = 2048, seconds: float = 1.0) -> float:
-    """Peak FLOP/s of ``n × n`` matmuls in ``dtype`` on TensorFlow's default device: best of 3 rounds."""
-    import numpy as np
-    import tensorflow as tf
+    """Peak FLOP/s of ``n × n`` matmuls in ``dtype`` on the Keras backend's default device: best of 3 rounds."""
+    from minigpt_cli.backend import matmul_seconds
 
-    rng = np.random.default_rng(0)  # not TensorFlow's random state, which training seeds
-    a, b = (tf.cast(tf.constant(rng.standard_normal((n, n), dtype=np.float32)), dtype) for _ in range(2))
-    matmul = tf.function(tf.linalg.matmul)
-    float(matmul(a, b)[0, 0])  # trace and warm up
-    start = time.perf_counter()
-    float(matmul(a, b)[0, 0])
-    once = max(time.perf_counter() - start, 1e-6)
+    once = max(matmul_seconds(n, dtype, 1), 1e-6)
     reps = max(1, int(seconds / 3 / once))
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            c = matmul(a, b)
-        float(c[0, 0])  # waits for the device
-        best = max(best, reps * 2 * n**3 / (time.perf_counter() - start))
-    return best
+    return max(reps * 2 * n**3 / matmul_seconds(n, dtype, reps) for _ in range(3))
 
 
 def _read_cache(path: Path) -> dict:
@@ -287,12 +273,12 @@ def machine_peak(precision: str = "float32", note=None) -> Peak:
     peak = cached_peak(precision)
     if peak is not None:
         return peak
-    import tensorflow as tf
+    from minigpt_cli import backend
 
     dtype = compute_dtype(precision)
-    gpus = tf.config.list_physical_devices("GPU")
-    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else ""
-    known = gpu_peak(name, dtype, tf.config.experimental.tensor_float_32_execution_enabled()) if gpus else None
+    gpus = backend.gpus()
+    name = gpus[0] if gpus else ""
+    known = gpu_peak(name, dtype, backend.tf32()) if gpus else None
     if known:
         peak = Peak(known, dtype, name, "datasheet")
     else:
@@ -307,9 +293,9 @@ def machine_peak(precision: str = "float32", note=None) -> Peak:
 def devices(replicas: int, workers: int) -> int:
     """Devices of one peak each that a job's batch is split over: its GPU replicas, or one CPU per worker
     (a CPU split into logical devices is still one CPU)."""
-    import tensorflow as tf
+    from minigpt_cli.backend import gpus
 
-    return replicas if tf.config.list_logical_devices("GPU") else workers
+    return replicas if gpus() else workers
 
 
 def _remember(path: Path, key: str, peak: Peak) -> None:

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
+from minigpt_cli.backend import compiled
 from minigpt_cli.errors import MinigptError
 from minigpt_cli.model import MiniGPTCausalLM
 from minigpt_cli.samplers import Controls, SamplerSpec
@@ -252,6 +252,11 @@ def first_stop(
 NO_CONTROLS = Controls()
 
 
+def _int(value: int):
+    """An int32 scalar tensor: the compiled loops take the position and step count as tensors, not constants."""
+    return ops.convert_to_tensor(np.int32(value))
+
+
 class Generator:
     """Turns prompts into text with a trained model and its tokenizer.
 
@@ -311,17 +316,20 @@ class Generator:
         return logits_processor(controls, spec.temperature, vocab_size, exempt=(self.pad, self.bos))
 
     def _function(self, sampler, xla: bool, process=None):
-        """KerasHub's sampler loop (``generate_step``) in one ``tf.function``: used for beam search."""
+        """KerasHub's sampler loop (``generate_step``) compiled in one function: used for beam search."""
         self.model.sampler = sampler
         self.model.logits_processor = process
-        spec = {
-            "token_ids": tf.TensorSpec([None, None], tf.int32),
-            "padding_mask": tf.TensorSpec([None, None], tf.bool),
-        }
+        signature = None
+        if keras.config.backend() == "tensorflow":
+            import tensorflow as tf
+
+            signature = [{"token_ids": tf.TensorSpec([None, None], tf.int32),
+                          "padding_mask": tf.TensorSpec([None, None], tf.bool)}]  # fmt: skip
         # generate_step has no Python control flow on tensors: skipping autograph halves the trace.
-        return tf.function(
-            lambda x: self.model.generate_step(x)["token_ids"], jit_compile=xla, input_signature=[spec], autograph=False
-        )
+        return compiled(
+            lambda x: self.model.generate_step(x)["token_ids"], self.model, sampler.variables, xla=xla,
+            tf_signature=signature,
+        )  # fmt: skip
 
     def _loop(self, spec: SamplerSpec, controls: Controls, xla: bool):
         """``(sampler, prefill, chunk)`` for these settings, made once and kept (the seed is set per use)."""
@@ -330,39 +338,46 @@ class Generator:
             return self._loops[key]
         model, sampler, process = self.model, spec.build(), self._processor(spec, controls)
         bos, end_at_bos = self.bos, controls.end_at_paragraph
-        ids_spec = tf.TensorSpec([None, None], tf.int32)
-        cache_spec = tf.TensorSpec([None, None], model.compute_dtype)
 
-        @tf.function(jit_compile=xla, input_signature=[ids_spec], autograph=False)
         def prefill(token_ids):
             return model._build_cache(token_ids)[1]
 
-        @tf.function(
-            jit_compile=xla,
-            input_signature=[ids_spec, cache_spec, tf.TensorSpec([], tf.int32), tf.TensorSpec([None, None], tf.bool),
-                             tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([], tf.int32)],
-            autograph=False,
-        )  # fmt: skip
         def chunk(token_ids, cache, index, mask, probs, steps):
             def cond(token_ids, cache, index, probs):
                 if not end_at_bos:
-                    return tf.constant(True)
-                ended = tf.reduce_any(tf.logical_and(tf.equal(token_ids, bos), tf.logical_not(mask)), axis=-1)
-                return tf.logical_not(tf.reduce_all(ended))
+                    return ops.convert_to_tensor(True)
+                ended = ops.any(ops.logical_and(ops.equal(token_ids, bos), ops.logical_not(mask)), axis=-1)
+                return ops.logical_not(ops.all(ended))
 
             def body(token_ids, cache, index, probs):
                 logits, _, cache = model.next_logits(token_ids, cache, index, process)
                 dist = sampler.compute_probabilities(logits)
-                token = tf.cast(sampler.get_next_token(dist), tf.int32)
-                token = tf.where(mask[:, index], token_ids[:, index], token)[:, None]
-                chosen = tf.gather(dist, token, axis=1, batch_dims=1)
+                token = ops.cast(sampler.get_next_token(dist), "int32")
+                token = ops.where(ops.take(mask, index, axis=1), ops.take(token_ids, index, axis=1), token)[:, None]
+                chosen = ops.cast(ops.take_along_axis(dist, token, axis=1), "float32")
                 token_ids = ops.slice_update(token_ids, [0, index], token)
                 probs = ops.slice_update(probs, [0, index], chosen)
                 return token_ids, cache, index + 1, probs
 
-            return tf.while_loop(cond, body, (token_ids, cache, index, probs), maximum_iterations=steps)
+            # KerasHub's loop: on JAX it carries the sampler's seed state (and the weights) through the steps.
+            return sampler.run_loop(
+                cond, body, model=model, loop_vars=(token_ids, cache, index, probs), maximum_iterations=steps
+            )
 
-        self._loops[key] = (sampler, prefill, chunk)
+        prefill_signature = chunk_signature = None
+        if keras.config.backend() == "tensorflow":
+            import tensorflow as tf
+
+            ids = tf.TensorSpec([None, None], tf.int32)
+            prefill_signature = [ids]
+            chunk_signature = [ids, tf.TensorSpec([None, None], model.compute_dtype), tf.TensorSpec([], tf.int32),
+                               tf.TensorSpec([None, None], tf.bool), tf.TensorSpec([None, None], tf.float32),
+                               tf.TensorSpec([], tf.int32)]  # fmt: skip
+        self._loops[key] = (
+            sampler,
+            compiled(prefill, model, [], xla=xla, tf_signature=prefill_signature),
+            compiled(chunk, model, sampler.variables, xla=xla, tf_signature=chunk_signature),
+        )
         return self._loops[key]
 
     @staticmethod
@@ -370,7 +385,7 @@ class Generator:
         """Put the sampler's random state where a fresh sampler with ``spec.seed`` starts."""
         if sampler.variables:
             for variable, value in zip(sampler.variables, spec.build().variables, strict=True):
-                variable.assign(value.numpy())
+                variable.assign(ops.convert_to_numpy(value))
 
     # --- generation -----------------------------------------------------------------------------------
 
@@ -432,7 +447,10 @@ class Generator:
         for row, ids in enumerate(encoded):
             token_ids[row, : len(ids)] = ids
             mask[row, : len(ids)] = True
-        return tf.constant(token_ids), tf.constant(mask), tf.zeros((len(encoded), length), tf.float32)
+        return (
+            ops.convert_to_tensor(token_ids), ops.convert_to_tensor(mask),
+            ops.zeros((len(encoded), length), "float32"),
+        )  # fmt: skip
 
     def _sample(self, encoded, spec, controls, new_tokens, xla):
         """New tokens and their probabilities per prompt, the seconds they took, the compile's, and tokens made."""
@@ -441,12 +459,12 @@ class Generator:
         start = min(len(e) for e in encoded)
         steps = token_ids.shape[1] - start
         t0 = time.perf_counter()
-        chunk(token_ids, prefill(token_ids), start, mask, probs, 0)  # trace or compile; runs no step
+        chunk(token_ids, prefill(token_ids), _int(start), mask, probs, _int(0))  # trace or compile; runs no step
         warm = time.perf_counter() - t0
         self._seed(sampler, spec)
         t0 = time.perf_counter()
-        out, _, end, p = chunk(token_ids, prefill(token_ids), start, mask, probs, steps)
-        out, p = out.numpy(), p.numpy()
+        out, _, end, p = chunk(token_ids, prefill(token_ids), _int(start), mask, probs, _int(steps))
+        out, p = ops.convert_to_numpy(out), ops.convert_to_numpy(p)
         seconds = time.perf_counter() - t0
         made = len(encoded) * (int(end) - start)  # fewer than asked when every row ended at a [BOS]
         new = [[int(i) for i in out[row, len(e) : len(e) + new_tokens]] for row, e in enumerate(encoded)]
@@ -484,7 +502,7 @@ class Generator:
         longest = max(len(e) for e in encoded)
         token_ids, prompt_mask, _ = self._buffers(encoded, longest + new_tokens)
         inputs = {"token_ids": token_ids, "padding_mask": prompt_mask}
-        state = [v.numpy() for v in sampler.variables]
+        state = [ops.convert_to_numpy(v) for v in sampler.variables]
         t0 = time.perf_counter()
         if xla:
             fn(inputs)  # XLA compiles for these exact shapes
@@ -494,7 +512,7 @@ class Generator:
         for variable, value in zip(sampler.variables, state, strict=True):
             variable.assign(value)
         t0 = time.perf_counter()
-        out = fn(inputs).numpy()
+        out = ops.convert_to_numpy(fn(inputs))
         seconds = time.perf_counter() - t0
         if xla:
             compile_seconds = max(0.0, compile_seconds - seconds)
@@ -553,9 +571,9 @@ class Stream:
         while index < start + self.new_tokens:
             size = next(sizes, size)
             steps = min(size, start + self.new_tokens - index)
-            token_ids, cache, end, probs = chunk(token_ids, cache, index, mask, probs, steps)
-            end = int(end)
-            row, p = token_ids[0, index:end].numpy(), probs[0, index:end].numpy()
+            token_ids, cache, end, probs = chunk(token_ids, cache, _int(index), mask, probs, _int(steps))
+            end = int(ops.convert_to_numpy(end))
+            row, p = ops.convert_to_numpy(token_ids[0, index:end]), ops.convert_to_numpy(probs[0, index:end])
             if index == start:
                 self.first_token_seconds = time.perf_counter() - t0
             index = end

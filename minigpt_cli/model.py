@@ -182,16 +182,31 @@ class MiniGPTCausalLM(keras_hub.models.CausalLM):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
+    def fit(self, *args, **kwargs):
+        """Keras' own ``fit`` on JAX and PyTorch: KerasHub's would turn the NumPy batches into ``tf.data``."""
+        if keras.config.backend() != "tensorflow" and self.preprocessor is None:
+            return keras.Model.fit(self, *args, **kwargs)
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """Keras' own ``evaluate`` on JAX and PyTorch (see ``fit``)."""
+        if keras.config.backend() != "tensorflow" and self.preprocessor is None:
+            return keras.Model.evaluate(self, *args, **kwargs)
+        return super().evaluate(*args, **kwargs)
+
     #: Set when training under ``MultiWorkerMirroredStrategy``; see ``_worker_logs``.
     multi_worker_logs = False
 
     def train_step(self, *args, **kwargs):
-        return self._worker_logs(super().train_step(*args, **kwargs))
+        return _edit_logs(super().train_step(*args, **kwargs), self._worker_logs)
 
     def test_step(self, *args, **kwargs):
-        logs = super().test_step(*args, **kwargs)
-        logs.pop("batch_loss", None)  # a training figure
-        return self._worker_logs(logs)
+        def edit(logs):
+            logs = dict(logs)
+            logs.pop("batch_loss", None)  # a training figure
+            return self._worker_logs(logs)
+
+        return _edit_logs(super().test_step(*args, **kwargs), edit)
 
     def _worker_logs(self, logs):
         # Keras 3 averages the replicas' logs across workers with reduce(axis=0), which fails on
@@ -292,6 +307,14 @@ class MiniGPTCausalLM(keras_hub.models.CausalLM):
             model=self,
         )
         return {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids, dtype="bool")}
+
+
+def _edit_logs(result, edit):
+    """Apply ``edit`` to a step's logs: JAX's stateless steps return ``(logs, state)``, the others the logs."""
+    if isinstance(result, tuple):
+        logs, state = result
+        return edit(logs), state
+    return edit(result)
 
 
 def build_model(vocabulary_size: int, cfg) -> MiniGPTCausalLM:

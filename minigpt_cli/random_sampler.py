@@ -11,26 +11,32 @@ same draws whichever way the loop is compiled.
 
 from __future__ import annotations
 
+import keras
 import keras_hub
-import tensorflow as tf
 from keras import ops
 
 #: Uniform numbers are ``(i + 1/2) / 2**23`` for ``i < 2**23``: exact in float32, never 0 or 1.
 LEVELS = 2**23
 
 
-def uniform(seed_generator, batch_size) -> tf.Tensor:
+def uniform(seed_generator, batch_size):
     """One number in (0, 1) per row from ``seed_generator`` (advancing it by one), exact under XLA too.
 
-    The generator's int64 state ``[seed, counter]`` goes to TensorFlow's
-    stateless op as it is: for values below 2**32 (``SamplerSpec.check``
-    keeps seeds there) XLA and plain graphs draw the same bits, and every
-    seed its own (Keras's cast to int32 folds seeds modulo 2**31 - 2, so 0
-    and 2**31 - 2 would draw the same numbers).
+    On TensorFlow the generator's int64 state ``[seed, counter]`` goes to
+    TensorFlow's stateless op as it is: for values below 2**32
+    (``SamplerSpec.check`` keeps seeds there) XLA and plain graphs draw the
+    same bits, and every seed its own (Keras's cast to int32 folds seeds
+    modulo 2**31 - 2, so 0 and 2**31 - 2 would draw the same numbers). On JAX
+    and PyTorch, Keras' own integer draw from the generator.
     """
-    bits = tf.random.stateless_uniform(
-        ops.reshape(batch_size, [1]), seed=seed_generator.next(), minval=0, maxval=LEVELS, dtype=tf.int32
-    )
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        bits = tf.random.stateless_uniform(
+            ops.reshape(batch_size, [1]), seed=seed_generator.next(), minval=0, maxval=LEVELS, dtype=tf.int32
+        )
+    else:
+        bits = keras.random.randint((batch_size,), 0, LEVELS, dtype="int32", seed=seed_generator)
     return (ops.cast(bits, "float32") + 0.5) * (1.0 / LEVELS)
 
 
@@ -70,3 +76,18 @@ class InverseCDFTopKSampler(keras_hub.samplers.TopKSampler):
         u = uniform(self.seed_generator, ops.shape(probabilities)[0])
         top, indices = ops.top_k(probabilities, k=self.k, sorted=True)
         return draw_sorted(top, indices, u)
+
+
+class SortedTopPSampler(keras_hub.samplers.TopPSampler):
+    """KerasHub's ``TopPSampler`` (the fewest likeliest tokens whose probabilities reach ``p``), drawn by
+    inverse CDF: top-p on JAX and PyTorch, where the sort-free ``ExactTopPSampler`` (TensorFlow) does not run.
+    """
+
+    def __init__(self, p: float = 0.1, k: int | None = None, seed=None, **kwargs):
+        super().__init__(p=p, k=None, seed=seed, **kwargs)
+
+    def get_next_token(self, probabilities):
+        u = uniform(self.seed_generator, ops.shape(probabilities)[0])
+        top, indices = ops.top_k(probabilities, k=ops.shape(probabilities)[-1], sorted=True)
+        before = ops.cumsum(top, axis=-1) - top
+        return draw_sorted(ops.where(before < self.p, top, ops.zeros_like(top)), indices, u)

@@ -63,21 +63,27 @@ class SamplerSpec:
         return s
 
     def build(self):
-        """The KerasHub sampler (imports TensorFlow)."""
+        """The KerasHub sampler (top-p: the sort-free exact one on TensorFlow, a sorting one elsewhere)."""
+        import keras
         import keras_hub
 
-        from minigpt_cli.random_sampler import InverseCDFRandomSampler, InverseCDFTopKSampler
-        from minigpt_cli.top_p_sampler import ExactTopPSampler
+        from minigpt_cli.random_sampler import InverseCDFRandomSampler, InverseCDFTopKSampler, SortedTopPSampler
 
-        t = self.temperature
+        t, seed = self.temperature, self.seed
+        if seed is not None and keras.config.backend() == "torch":
+            seed %= 2**31 - 1  # Keras keeps a seed in int32 on PyTorch
         if self.name == "greedy":
             return keras_hub.samplers.GreedySampler(temperature=t)
         if self.name == "beam":
             return keras_hub.samplers.BeamSampler(num_beams=self.num_beams, temperature=t)
         if self.name == "random":
-            return InverseCDFRandomSampler(seed=self.seed, temperature=t)
+            return InverseCDFRandomSampler(seed=seed, temperature=t)
         if self.name == "topk":
-            return InverseCDFTopKSampler(k=self.k, seed=self.seed, temperature=t)
+            return InverseCDFTopKSampler(k=self.k, seed=seed, temperature=t)
+        if keras.config.backend() != "tensorflow":
+            return SortedTopPSampler(p=self.p, seed=seed, temperature=t)
+        from minigpt_cli.top_p_sampler import ExactTopPSampler
+
         return ExactTopPSampler(p=self.p, seed=self.seed, temperature=t)
 
 

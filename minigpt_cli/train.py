@@ -37,8 +37,8 @@ import keras
 import keras_hub
 from rich.console import Console
 
+from minigpt_cli import backend, checkpoints, distribute, flops, optimizers
 from minigpt_cli import callbacks as cb
-from minigpt_cli import checkpoints, distribute, flops, optimizers
 from minigpt_cli.config import DEFAULT_WEIGHT_DECAY, Config, TrainConfig, dumps, load_config
 from minigpt_cli.errors import MinigptError
 from minigpt_cli.model import MiniGPTCausalLM, build_model, load_model
@@ -155,6 +155,13 @@ def resume_conflicts(trained: Config | dict, now: Config) -> list[str]:
     return [
         f"{key}: {old[key]!r} -> {new.get(key)!r}" for key in old if key != "vocab_sha256" and old[key] != new.get(key)
     ]
+
+
+def compilation(jit_compile: bool) -> str:
+    """How the training step is compiled, in words."""
+    if keras.config.backend() == "torch":
+        return f"torch.compile {'on' if jit_compile else 'off'}"
+    return f"XLA {'on' if jit_compile else 'off'}"
 
 
 def _lost_worker(error: Exception) -> bool:
@@ -279,7 +286,9 @@ def train(
         write_text(out.samples, samples)
     # XLA made the reference model's steps 1.18x faster on a 2-core CPU (benchmarks/train.py); it stays
     # off under a distribution strategy unless asked for.
-    model.jit_compile = {"true": True, "false": False}.get(cfg.train.jit_compile, dist.strategy is None)
+    # On JAX every step is jitted (XLA); on PyTorch "true" is torch.compile, off unless asked for.
+    auto = {"tensorflow": dist.strategy is None, "jax": True}.get(keras.config.backend(), False)
+    model.jit_compile = {"true": True, "false": False}.get(cfg.train.jit_compile, auto)
     model.multi_worker_logs = dist.kind == "multi_worker"
     start_epoch, start_step = (position.epoch, position.step) if position else (0, 0)
     console.print(
@@ -307,7 +316,7 @@ def train(
     console.print(
         f"distribution: {dist.kind}, {dist.replicas} replica(s) on {dist.workers} worker(s){role}; "
         f"global batch {cfg.data.batch_size}, {cfg.data.batch_size // dist.replicas} per replica{update}; "
-        f"precision {cfg.train.precision}; XLA {'on' if model.jit_compile else 'off'}"
+        f"precision {cfg.train.precision}; {compilation(model.jit_compile)}; backend {backend.describe()}"
     )
     if accumulate > 1 and (epochs * steps_per_epoch) % accumulate:
         console.print(
@@ -351,6 +360,8 @@ def train(
     board = None
     if dist.is_chief and not cb.tensorboard_installed():
         console.print("note: no TensorBoard logs: the tensorboard package is missing (pip install tensorboard)")
+    elif dist.is_chief and not backend.tensorflow_available():
+        console.print("note: no TensorBoard logs: they are written by TensorFlow's tf.summary, which is not installed")
     elif dist.is_chief:  # TensorBoard: after the history row and the sample it logs, before the checkpoint
         cb.trim_events(out.root / "logs", position.global_step if position else 0)
         sample = next((c for c in own if isinstance(c, cb.EpochSample)), None)
@@ -371,8 +382,8 @@ def train(
         clock.offset = skip
         clock.epoch = first_epoch
         model.fit(
-            data.train.dataset(first_epoch * steps_per_epoch + skip, last_epoch * steps_per_epoch),
-            validation_data=data.valid.dataset(0, valid_steps),
+            data.train.feed(first_epoch * steps_per_epoch + skip, last_epoch * steps_per_epoch),
+            validation_data=data.valid.feed(0, valid_steps),
             initial_epoch=first_epoch,
             epochs=last_epoch,
             steps_per_epoch=steps_per_epoch - skip,

@@ -192,7 +192,15 @@ def load_vocabulary(path: Path) -> list[str]:
     return vocab
 
 
-def make_tokenizer(vocab: list[str], lowercase: bool = True) -> MiniGPTTokenizer:
+def make_tokenizer(vocab: list[str], lowercase: bool = True):
+    """KerasHub's tokenizer (``MiniGPTTokenizer``); where TensorFlow is not installed (JAX or PyTorch alone),
+    ``FastWordPieceTokenizer``, which gives the same ids without it."""
+    from minigpt_cli.backend import tensorflow_available
+
+    if not tensorflow_available():
+        from minigpt_cli.fast_tokenizer import FastWordPieceTokenizer
+
+        return FastWordPieceTokenizer(vocab, lowercase)
     return MiniGPTTokenizer(vocabulary=vocab, lowercase=lowercase)
 
 
@@ -217,7 +225,8 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def tokenizer(self) -> MiniGPTTokenizer:
+    def tokenizer(self):
+        """The run's tokenizer (see ``make_tokenizer``)."""
         return make_tokenizer(self.tokens, self.lowercase)
 
     def digest(self) -> str:

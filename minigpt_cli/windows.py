@@ -129,11 +129,14 @@ class Cutter:
     """Tokenizes lines into a packed stream (1-D ids) or reference windows (rows of ``seq_len + 1`` ids)."""
 
     def __init__(self, tokenizer, windows: str, seq_len: int, min_string_len: int):
+        self.windows, self.seq_len, self.min_string_len = windows, seq_len, min_string_len
+        if hasattr(tokenizer, "tokenize_batch"):  # FastWordPieceTokenizer: no TensorFlow
+            self._cut = self._numpy_cutter(tokenizer)
+            return
         import tensorflow as tf
 
         from minigpt_cli.model import MiniGPTCausalLMPreprocessor
 
-        self.windows, self.seq_len, self.min_string_len = windows, seq_len, min_string_len
         spec = [tf.TensorSpec([None], tf.string)]
         if windows == "reference":
             preprocessor = MiniGPTCausalLMPreprocessor(tokenizer, sequence_length=seq_len)
@@ -154,6 +157,23 @@ class Cutter:
 
         self._cut = cut
 
+    def _numpy_cutter(self, tokenizer):
+        """The TensorFlow graphs' cuts with a TensorFlow-free tokenizer: reference windows are ``[BOS]`` and
+        the line's ids cut to ``seq_len + 1`` and padded with ``[PAD]`` (as the KerasHub preprocessor packs)."""
+        bos, width = tokenizer.token_to_id("[BOS]"), self.seq_len + 1
+
+        def cut(lines: list[bytes]):
+            ids = tokenizer.tokenize_batch([line.decode("utf-8", errors="replace") for line in lines])
+            if self.windows == "reference":
+                rows = np.zeros((len(ids), width), np.int32)
+                for row, line_ids in zip(rows, ids, strict=True):
+                    row[0] = bos
+                    row[1 : 1 + min(len(line_ids), width - 1)] = line_ids[: width - 1]
+                return _Host(rows)
+            return _Host(np.concatenate([np.concatenate([[bos], i]) for i in ids]).astype(np.int32))
+
+        return cut
+
     def keep(self, line: bytes) -> bool:
         """Whether the line is cut at all (as ``tf.strings.length`` and ``tf.strings.strip`` would judge)."""
         return len(line) > self.min_string_len if self.windows == "reference" else bool(line.strip())
@@ -164,6 +184,16 @@ class Cutter:
         if out:
             return np.concatenate(out).astype(np.int32)
         return np.zeros((0, self.seq_len + 1) if self.windows == "reference" else 0, np.int32)
+
+
+class _Host:
+    """A NumPy result with the ``.numpy()`` of the TensorFlow graphs' results."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def numpy(self) -> np.ndarray:
+        return self.array
 
 
 def cut_windows(files: list[Path], tokenizer, windows: str, seq_len: int, min_string_len: int) -> np.ndarray:
@@ -555,6 +585,41 @@ class Batches:
         return tf.data.Dataset.from_generator(lambda: self.iterate(start, stop), output_signature=spec).prefetch(
             tf.data.AUTOTUNE
         )
+
+    def feed(self, start: int = 0, stop: int | None = None):
+        """Batches ``start`` to ``stop`` for ``fit``/``evaluate``: a ``tf.data`` pipeline on TensorFlow, a
+        ``keras.utils.PyDataset`` of NumPy batches on JAX and PyTorch (no TensorFlow tensor in their step)."""
+        import keras
+
+        if keras.config.backend() == "tensorflow":
+            return self.dataset(start, stop)
+        return _batch_sequence()(self, start, stop)
+
+
+def _batch_sequence():
+    """``BatchSequence``: a ``PyDataset`` over ``Batches``, made when first asked for (it needs Keras)."""
+    import keras
+
+    global _BatchSequence
+    if _BatchSequence is None:
+
+        class BatchSequence(keras.utils.PyDataset):
+            def __init__(self, batches: Batches, start: int, stop: int | None):
+                super().__init__(workers=1, use_multiprocessing=False)
+                self.batches, self.start, self.stop = batches, start, stop
+
+            @property
+            def num_batches(self) -> int | None:
+                return None if self.stop is None else self.stop - self.start
+
+            def __getitem__(self, index: int):
+                return self.batches.batch(self.start + index)
+
+        _BatchSequence = BatchSequence
+    return _BatchSequence
+
+
+_BatchSequence = None
 
 
 @dataclass

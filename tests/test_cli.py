@@ -15,6 +15,7 @@ from minigpt_cli.generate import tidy
 SAMPLERS = ["greedy", "beam", "random", "topk", "topp"]
 
 
+@pytest.mark.cli
 def test_pipeline_artifacts(trained_run):
     for name in ("config.toml", "vocab.txt", "model.keras", "history.json", "history.csv", "samples.txt"):
         assert (trained_run / name).is_file(), name
@@ -37,6 +38,7 @@ def test_pipeline_artifacts(trained_run):
     assert not list(trained_run.glob(".*tmp*")), "temporary files left behind"
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_generate_each_sampler(trained_run, sampler):
     result = minigpt("generate", "--run-dir", trained_run, "--sampler", sampler, "--seed", "7", "--json")
@@ -75,6 +77,7 @@ def test_no_seed_draws_one_that_repeats_the_text(trained_run):
     assert again["token_ids"] == first["token_ids"]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("sampler", ["random", "topk", "topp"])
 def test_same_seed_same_text(trained_run, sampler):
     args = ("generate", "--run-dir", trained_run, "--sampler", sampler, "--json", "--max-tokens", "10")
@@ -87,6 +90,7 @@ def test_same_seed_same_text(trained_run, sampler):
     assert any(o["token_ids"] != first[0]["token_ids"] for o in other)
 
 
+@pytest.mark.cli
 def test_prompts_from_stdin_and_show_prompt(trained_run):
     result = minigpt(
         "generate",
@@ -164,6 +168,7 @@ def test_model_vocab_mismatch(tmp_path, trained_run):
     assert_user_error(minigpt("generate", "--run-dir", tmp_path / "run"), "vocab.txt has 184", "minigpt train")
 
 
+@pytest.mark.cli
 def test_corrupt_model(tmp_path, trained_run):
     shutil.copytree(trained_run, tmp_path / "run")
     (tmp_path / "run" / "model.keras").write_bytes(b"not a zip file at all")
