@@ -6,6 +6,7 @@ Same weights, same sampler, same prompt ([BOS]) and length, in one run:
     python benchmarks/generate.py                                # random reference-size weights
     python benchmarks/generate.py --run-dir runs/simplebooks --cli   # + whole-command timings
     python benchmarks/generate.py --top-p-vs-top-k               # top-p against top-k, several p and T
+    python benchmarks/generate.py --backend tensorflow jax torch # ours on each Keras backend, side by side
 
 The reference loop is the KerasHub example's: ``model(prompt)[:, index - 1, :]``
 on the whole window for every new token, run eagerly. Ours is the model's
@@ -15,13 +16,19 @@ weights give a flat one (the worst case), a trained run a peaked one.
 ``--top-p-vs-top-k`` times top-p at several ``p`` and temperatures against
 top-k (``k=10``) at the same temperature, XLA and graph, in interleaved
 rounds (the best of ``--repeat`` counts), each function compiled once.
+
+``--backend`` runs ours (``Generator``, ``--jit`` as ``minigpt generate``'s
+``generate.jit_compile``) on each backend in a process of its own, with the
+same weights (the run's, or the same NumPy-drawn random ones), taking turns
+round by round; round 0 (compiling) gives the compile seconds, the median of
+the later rounds the tokens/s. Greedy tokens are compared with the first
+backend's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,23 +36,21 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import backends  # noqa: E402
 
 SAMPLERS = ("greedy", "random", "topk", "topp", "beam")
 
 
 def machine() -> str:
-    import tensorflow as tf
-    from hardware import cpu_name  # benchmarks/, on the path as the script's folder
-
-    cpu = cpu_name()
-    gpus = tf.config.list_physical_devices("GPU")
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {'GPU: ' + str(len(gpus)) if gpus else 'no GPU'}; "
-        f"Python {platform.python_version()}, TensorFlow {tf.__version__}"
-    )
+    """The CPU, Python, Keras and the backend this process runs on, with its devices."""
+    return backends.machine([backends.describe()])
 
 
-def load(run_dir: Path | None, seed: int):
+def load(run_dir: Path | None, seed: int, same_everywhere: bool = False):
+    """The model, its tokenizer and where the weights came from: a trained run, or random reference-size weights
+    (``same_everywhere``: drawn by NumPy, the same on every backend)."""
     import keras
 
     from minigpt_cli.config import ModelConfig
@@ -55,7 +60,11 @@ def load(run_dir: Path | None, seed: int):
     if run_dir is None:
         keras.utils.set_random_seed(seed)
         vocab = ["[PAD]", "[UNK]", "[BOS]"] + [f"tok{i}" for i in range(4997)]
-        return build_model(len(vocab), ModelConfig()), make_tokenizer(vocab), "random weights"
+        model = build_model(len(vocab), ModelConfig())
+        if same_everywhere:
+            backends.same_weights(model, seed)
+        source = "random weights" + (", the same on every backend" if same_everywhere else "")
+        return model, make_tokenizer(vocab), source
     vocab = load_vocabulary(run_dir / "vocab.txt")
     return load_model(run_dir / "model.keras", len(vocab)), make_tokenizer(vocab), str(run_dir)
 
@@ -249,6 +258,103 @@ def top_p_vs_top_k(args) -> None:
     console.print(f"slowest top-p / top-k: {worst:.2f}x (top-k is {1 / worst:.2f}x as fast)")
 
 
+class Sampling:
+    """A child's side: ``Generator`` on this process's backend, one sampler run per request."""
+
+    def __init__(self, args):
+        self.args = args
+        self.gen = None
+
+    def build(self, request: dict) -> dict:
+        from minigpt_cli.generate import Generator
+
+        model, tokenizer, source = load(self.args.run_dir, self.args.seed, same_everywhere=True)
+        self.gen = Generator(model, tokenizer, jit_compile=self.args.jit)
+        return {**backends.describe(), "parameters": model.count_params(), "source": source}
+
+    def generate(self, request: dict) -> dict:
+        from minigpt_cli.samplers import SamplerSpec
+
+        spec = SamplerSpec(request["sampler"], k=10, p=0.5, num_beams=10, seed=self.args.seed)
+        sample = self.gen.run([""], spec, request["tokens"])[0]
+        return {"seconds": sample.seconds, "compile": sample.compile_seconds, "ids": sample.token_ids}
+
+
+def side_by_side(args) -> None:
+    """Generation tokens/s and compile seconds per sampler on each of ``args.backend``; one table."""
+    from rich.console import Console
+
+    console = Console(width=200)
+    child_args = ["--seed", str(args.seed), "--jit", args.jit]
+    if args.run_dir is not None:
+        child_args += ["--run-dir", str(args.run_dir)]
+    children = backends.start(Path(__file__), args.backend, child_args, build={})
+    try:
+        info = backends.built(children)
+        if info:
+            console.print(f"machine: {backends.machine(list(info.values()))}")
+        first = next(iter(info.values()), {})
+        console.print(
+            f"model: {first.get('parameters', 0):,} parameters ({first.get('source', '?')}); {args.tokens} new tokens "
+            f"from [BOS], batch 1; generate.jit_compile={args.jit}; {args.repeat} rounds per backend after a "
+            "compiling round 0, backends taking turns (the order rotating), one at a time; median round"
+        )
+        requests = [{"do": "generate", "sampler": name, "tokens": args.tokens} for name in args.samplers]
+        runs = backends.take_turns(children, args.repeat + 1, lambda r: requests)
+    finally:
+        for child in children:
+            child.close()
+    done = [c.backend for c in children if not c.failed and len(runs[c.backend]) > 1]
+    if done:
+        console.print(rate_table(args, runs, done))
+    failed = [child for child in children if child.failed]
+    for child in failed:
+        console.print(f"{child.backend} failed: {child.failed}")
+    if failed:
+        raise SystemExit(1)
+
+
+def rate_table(args, runs: dict[str, list[list[dict]]], done: list[str]):
+    """Per sampler: each backend's median tokens/s and round 0's compile seconds, ratios to TensorFlow (else
+    the first backend), and whether greedy search chose the same tokens."""
+    from rich.table import Table
+
+    base = "tensorflow" if "tensorflow" in done else done[0]
+    others = [b for b in done if b != base]
+    table = Table()
+    table.add_column("sampler")
+    for backend in done:
+        table.add_column(f"{backend} tok/s", justify="right")
+        table.add_column(f"{backend} compile s", justify="right")
+    for backend in others:
+        table.add_column(f"{backend} / {base}", justify="right")
+    table.add_column(f"greedy ids = {base}'s", justify="right")
+    for i, name in enumerate(args.samplers):
+        rates, cells = {}, []
+        for backend in done:
+            rounds = [r[i] for r in runs[backend]]
+            rates[backend] = statistics.median(args.tokens / max(r["seconds"], 1e-9) for r in rounds[1:])
+            cells += [f"{rates[backend]:,.0f}", f"{rounds[0]['compile']:.2f}"]
+        cells += [f"{rates[b] / rates[base]:.2f}x" for b in others]
+        same = ""
+        if name == "greedy":
+            ids = {b: runs[b][-1][i]["ids"] for b in done}
+            same = ", ".join(
+                b + (": yes" if ids[b] == ids[base] else f": first {_common(ids[b], ids[base])} of {len(ids[base])}")
+                for b in others
+            )  # fmt: skip
+        table.add_row(name, *cells, same)
+    return table
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """How many leading ids two token lists share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="a trained run (default: random weights)")
@@ -266,8 +372,18 @@ def main() -> None:
     parser.add_argument("--ps", type=float, nargs="+", default=[0.5, 0.9, 0.95, 1.0], help="top-p's p values")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0, 1.5])
     parser.add_argument("--k", type=int, default=10, help="top-k's k for --top-p-vs-top-k")
+    backends.add_argument(parser)
+    parser.add_argument(
+        "--jit", default="auto", choices=["auto", "true", "false"],
+        help="with --backend: generate.jit_compile (auto: XLA for long jobs only, as minigpt generate)",
+    )  # fmt: skip
     args = parser.parse_args()
-    if args.top_p_vs_top_k:
+    if args.child:
+        sampling = Sampling(args)
+        backends.serve({"build": sampling.build, "generate": sampling.generate})
+    elif args.backend:
+        side_by_side(args)
+    elif args.top_p_vs_top_k:
         top_p_vs_top_k(args)
     else:
         speed(args)

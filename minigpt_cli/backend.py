@@ -26,13 +26,18 @@ _source: str | None = None
 def choose(configured: str) -> tuple[str, str]:
     """Set ``KERAS_BACKEND`` (unless set) from the config; returns ``(backend, where it came from)``."""
     global _source
-    given = os.environ.get("KERAS_BACKEND", "").strip()
+    from minigpt_cli import USER_BACKEND as given  # the package's import sets KERAS_BACKEND's default
     if given:
         if given not in BACKENDS:
             raise MinigptError(f"KERAS_BACKEND is {given!r}; use one of {', '.join(BACKENDS)} (or unset it)")
         name, source = given, "KERAS_BACKEND"
     else:
         name, source = configured, "config"
+    if "keras" not in sys.modules and not _installed(name):
+        raise MinigptError(
+            f"backend {name} ({source}) is not installed here; pip install {name} (or: pip install -e '.[dev]'), "
+            "or choose another with KERAS_BACKEND"
+        )
     if "keras" in sys.modules:  # already loaded (a library caller, a test): it keeps the backend it has
         import keras
 
@@ -62,14 +67,18 @@ def describe() -> str:
     return name() + where
 
 
-def tensorflow_available() -> bool:
-    """Whether TensorFlow can be imported (without importing it)."""
+def _installed(package: str) -> bool:
     import importlib.util
 
     try:
-        return importlib.util.find_spec("tensorflow") is not None
+        return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):
         return False
+
+
+def tensorflow_available() -> bool:
+    """Whether TensorFlow can be imported (without importing it)."""
+    return _installed("tensorflow")
 
 
 def compiled(fn: Callable, model, stateful: list, *, xla: bool, tf_signature=None) -> Callable:

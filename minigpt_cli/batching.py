@@ -43,6 +43,12 @@ from minigpt_cli.samplers import SEED_LIMIT, Controls, SamplerSpec
 log = logging.getLogger("minigpt.serve")
 
 
+def _backend() -> str:
+    import keras
+
+    return keras.config.backend()
+
+
 class RequestError(Exception):
     """A request the server refuses: HTTP ``status``, the request field it is about (``param``), and why."""
 
@@ -375,7 +381,8 @@ class Engine:
             return
         gen, spec, seeded = self.gen, jobs[0].spec, jobs[0].spec.seed is not None
         size = next((b for b in self._buckets() if b >= len(rows)), 0)
-        xla = (jobs[0].key, size) in self._xla_shapes
+        # JAX compiles for each shape: there every batch takes the bucketed shapes, compiled once each.
+        xla = (jobs[0].key, size) in self._xla_shapes or (size > 0 and _backend() == "jax")
         sampler, _, chunk = self._loop(spec, jobs[0].controls, xla)
         if seeded:
             gen._seed(sampler, spec)

@@ -102,7 +102,10 @@ class DropoutSeeds(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         step = self.clock.next_global_step
         for i, v in enumerate(self.states):  # in layer order; the names differ between a built and a loaded model
-            v.assign(np.array([zlib.crc32(f"{self.seed}/{i}".encode()), step], dtype=v.dtype))
+            crc = zlib.crc32(f"{self.seed}/{i}".encode())
+            if np.dtype(v.dtype) == np.int32:  # PyTorch keeps seed states in int32
+                crc &= 0x7FFFFFFF
+            v.assign(np.array([crc, step], dtype=v.dtype))
 
 
 #: One training step: (global step, its loss, its real tokens).
@@ -579,6 +582,7 @@ class TensorBoardLogs(keras.callbacks.TensorBoard):
         host = np.array([loss, tps, mfu], dtype=np.float32)
         if self._write is None:
             self._write = self._make_writer()
+        _ = self.model  # on JAX, Keras writes the step's optimizer state back to the variables when asked for it
         self._write(np.array(step, dtype=np.int64), host, self._rate, speed=speed)
         self._train_writer.flush()  # a checkpoint at this step then covers what is on disk (~30 µs)
 

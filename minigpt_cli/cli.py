@@ -86,6 +86,8 @@ def _load_tensorflow(cfg: Config | None = None) -> None:
         if name == "tensorflow" or tensorflow_available():  # KerasHub imports TensorFlow when it is there
             import tensorflow as tf
 
+            if name != "tensorflow":  # it only tokenizes and logs then: the GPUs are the backend's
+                tf.config.set_visible_devices([], "GPU")
             tf.config.list_physical_devices()
             tf.get_logger().setLevel("ERROR")
         import keras_hub  # noqa: F401

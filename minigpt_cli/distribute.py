@@ -348,5 +348,6 @@ def _setup_jax(distribution: str, devices: list[str]) -> Setup:
     if distribution in ("mirrored", "multi_worker") or (distribution == "auto" and len(accelerators) > 1):
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=found))
         kind = "multi_worker" if distribution == "multi_worker" else "mirrored"
-        return Setup(None, kind, len(found), jax.process_count(), jax.process_index() == 0)
+        replicas = keras.distribution.distribution().device_mesh.devices.size  # the mesh the batch is split over
+        return Setup(None, kind, replicas, jax.process_count(), jax.process_index() == 0)
     return Setup(None, "none", 1, 1, True)

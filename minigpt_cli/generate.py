@@ -503,6 +503,7 @@ class Generator:
         token_ids, prompt_mask, _ = self._buffers(encoded, longest + new_tokens)
         inputs = {"token_ids": token_ids, "padding_mask": prompt_mask}
         state = [ops.convert_to_numpy(v) for v in sampler.variables]
+        xla = xla or keras.config.backend() == "jax"  # JAX compiles per shape: warm up on the very shapes
         t0 = time.perf_counter()
         if xla:
             fn(inputs)  # XLA compiles for these exact shapes

@@ -36,10 +36,12 @@ CONTEXT_SHOWN = 8
 
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, with the run's tokenizer."""
-    import tensorflow as tf
-
     if not texts:
         return []
+    if hasattr(tokenizer, "tokenize_batch"):  # FastWordPieceTokenizer: no TensorFlow
+        return [[int(i) for i in row] for row in tokenizer.tokenize_batch(texts)]
+    import tensorflow as tf
+
     ids = tokenizer(tf.constant(texts))
     return [[int(i) for i in row] for row in (ids.to_list() if hasattr(ids, "to_list") else ids)]
 
@@ -226,7 +228,17 @@ def top_k_set(probabilities: np.ndarray, k: int) -> np.ndarray:
 
 def top_p_set(probabilities: np.ndarray, p: float) -> np.ndarray:
     """Ids top-p can draw, likeliest first: the sampler's own exact rule (``top_p_sampler.top_p_mask``: the
-    likeliest through the first whose cumulative probability passes ``p``), less any of probability 0."""
+    likeliest through the first whose cumulative probability passes ``p``), less any of probability 0.
+    On JAX and PyTorch, ``SortedTopPSampler``'s rule: the likeliest, and each next while the sum before it is
+    at most ``p``."""
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        order = np.argsort(-probabilities, kind="stable")
+        sorted_p = np.asarray(probabilities, dtype=np.float32)[order]
+        before = np.cumsum(sorted_p, dtype=np.float32) - sorted_p
+        keep = (before <= p) | (np.arange(len(order)) == 0) | (p >= 1)
+        return order[keep & (sorted_p > 0)]
     import tensorflow as tf
 
     from minigpt_cli.top_p_sampler import flush, top_p_mask
@@ -249,9 +261,23 @@ def _kept(ids: np.ndarray, probabilities: np.ndarray, vocab: Vocabulary) -> Kept
 
 def _logits(model, ids: list[int]) -> np.ndarray:
     """The model's next-token logits after ``ids``: one forward pass."""
+    from keras import ops
+
     x = np.asarray([ids], dtype="int32")
-    logits = model({"token_ids": x, "padding_mask": np.ones_like(x)}, training=False)
-    return np.asarray(logits)[0, -1]
+    logits = _no_grad(lambda: model({"token_ids": x, "padding_mask": np.ones_like(x)}, training=False))
+    return ops.convert_to_numpy(logits)[0, -1]
+
+
+def _no_grad(fn):
+    """``fn()`` without recording gradients (PyTorch's autograd would keep the graph of every forward pass)."""
+    import keras
+
+    if keras.config.backend() != "torch":
+        return fn()
+    import torch
+
+    with torch.no_grad():
+        return fn()
 
 
 def check_window(ids: list[int], seq_len: int, what: str) -> None:
@@ -442,12 +468,15 @@ class _Window:
 def _token_nats(model, windows: list[_Window], batch_size: int) -> list[np.ndarray]:
     """Cross-entropy (nats) of every label of every window, as ``evaluate`` computes it."""
     import keras
-    import tensorflow as tf
+    from keras import ops
 
-    @tf.function(autograph=False)
-    def nats(x, y):
-        logits = model({"token_ids": x, "padding_mask": tf.cast(x != 0, "int32")}, training=False)
+    from minigpt_cli.backend import compiled
+
+    def token_nats(x, y):
+        logits = model({"token_ids": x, "padding_mask": ops.cast(ops.not_equal(x, 0), "int32")}, training=False)
         return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+    nats = compiled(token_nats, model, [], xla=False)
 
     if not windows:
         return []
@@ -457,7 +486,7 @@ def _token_nats(model, windows: list[_Window], batch_size: int) -> list[np.ndarr
         w = np.zeros((size, len(windows[0].ids)), dtype=np.int32)
         part = windows[start : start + size]
         w[: len(part)] = [win.ids for win in part]
-        result += list(np.asarray(nats(tf.constant(w[:, :-1]), tf.constant(w[:, 1:])))[: len(part)])
+        result += list(ops.convert_to_numpy(nats(w[:, :-1], w[:, 1:]))[: len(part)])
     return result
 
 
@@ -688,12 +717,12 @@ def attention(model, vocab: Vocabulary, text: str) -> Attention:
         _, scores = layer._self_attention_layer(
             query=query, value=query, attention_mask=mask, return_attention_scores=True, training=False
         )
-        weights.append(np.asarray(ops.cast(scores, "float32"))[0])  # float32 also under mixed precision
+        weights.append(ops.convert_to_numpy(ops.cast(scores, "float32"))[0])  # float32 also under mixed precision
         x = layer(x, decoder_padding_mask=padding_mask, training=False)
     return Attention(
         text=text,
         tokens=[vocab.tokens[i] for i in ids],
         ids=ids,
         weights=np.stack(weights),
-        hidden=np.asarray(ops.cast(x, "float32"))[0],
+        hidden=ops.convert_to_numpy(ops.cast(x, "float32"))[0],
     )

@@ -89,5 +89,9 @@ class SortedTopPSampler(keras_hub.samplers.TopPSampler):
     def get_next_token(self, probabilities):
         u = uniform(self.seed_generator, ops.shape(probabilities)[0])
         top, indices = ops.top_k(probabilities, k=ops.shape(probabilities)[-1], sorted=True)
+        if self.p >= 1:
+            return draw_sorted(top, indices, u)
+        # KerasHub's rule: the likeliest token, and each next one while the sum before it is at most p.
         before = ops.cumsum(top, axis=-1) - top
-        return draw_sorted(ops.where(before < self.p, top, ops.zeros_like(top)), indices, u)
+        keep = ops.concatenate([ops.ones_like(before[:, :1], "bool"), (before <= self.p)[:, 1:]], axis=-1)
+        return draw_sorted(ops.where(keep, top, ops.zeros_like(top)), indices, u)

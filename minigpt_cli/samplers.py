@@ -7,6 +7,7 @@ and ``Controls``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -71,7 +72,10 @@ class SamplerSpec:
 
         t, seed = self.temperature, self.seed
         if seed is not None and keras.config.backend() == "torch":
-            seed %= 2**31 - 1  # Keras keeps a seed in int32 on PyTorch
+            # Keras keeps a seed in int32 on PyTorch and seeds its generator with seed + counter, so seeds
+            # 7 and 8 would draw one stream shifted by a step: a hash spreads them apart.
+            seed = int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
+            seed &= 0x7FFFFFFF
         if self.name == "greedy":
             return keras_hub.samplers.GreedySampler(temperature=t)
         if self.name == "beam":

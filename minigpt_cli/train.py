@@ -166,7 +166,10 @@ def compilation(jit_compile: bool) -> str:
 
 def _lost_worker(error: Exception) -> bool:
     """Whether ``error`` is TensorFlow's word that a peer of a multi-worker job is gone."""
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return False
 
     return isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError))
 
@@ -289,7 +292,14 @@ def train(
     # On JAX every step is jitted (XLA); on PyTorch "true" is torch.compile, off unless asked for.
     auto = {"tensorflow": dist.strategy is None, "jax": True}.get(keras.config.backend(), False)
     model.jit_compile = {"true": True, "false": False}.get(cfg.train.jit_compile, auto)
-    model.multi_worker_logs = dist.kind == "multi_worker"
+    model.multi_worker_logs = dist.kind == "multi_worker" and dist.strategy is not None  # tf.distribute's
+    if keras.config.backend() == "jax" and dist.replicas > 1:
+        # keras.distribution splits every batch evenly over the devices: the validation's last, partial batch is
+        # padded with [PAD] rows (weight 0); with several processes each feeds its own rows of the global batch.
+        import jax
+
+        data.valid.pad_to = dist.replicas
+        data.train.shard = data.valid.shard = (jax.process_index(), jax.process_count())
     start_epoch, start_step = (position.epoch, position.step) if position else (0, 0)
     console.print(
         f"model: {model.count_params():,} parameters, vocabulary {len(vocab):,} tokens, window {cfg.model.seq_len}; "

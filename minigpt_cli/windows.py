@@ -533,6 +533,10 @@ class Batches:
     seed: int = 0
     shuffle: bool = True
     release: Callable[[], None] | None = None
+    #: Rows of [PAD] added to make a batch's rows a multiple of this (JAX splits a batch evenly over devices).
+    pad_to: int = 1
+    #: ``(process, processes)``: the rows of each batch that this process feeds (``feed``), under jax.distributed.
+    shard: tuple[int, int] = (0, 1)
     _memo: tuple[int, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -556,6 +560,8 @@ class Batches:
         if self.release is not None and step % RELEASE_EVERY == 0:
             self.release()
         w = self.windows[self._order(data_pass)[i * self.batch_size : (i + 1) * self.batch_size]].astype(np.int32)
+        if len(w) % self.pad_to:
+            w = np.concatenate([w, np.zeros((self.pad_to - len(w) % self.pad_to, w.shape[1]), np.int32)])
         x, y = w[:, :-1], w[:, 1:]
         return {"token_ids": x, "padding_mask": (x != 0).astype("int32")}, y, (y != 0).astype("float32")
 
@@ -613,7 +619,13 @@ def _batch_sequence():
                 return None if self.stop is None else self.stop - self.start
 
             def __getitem__(self, index: int):
-                return self.batches.batch(self.start + index)
+                x, y, w = self.batches.batch(self.start + index)
+                process, processes = self.batches.shard
+                if processes == 1:
+                    return x, y, w
+                rows = len(y) // processes
+                part = slice(process * rows, (process + 1) * rows)
+                return {k: v[part] for k, v in x.items()}, y[part], w[part]
 
         _BatchSequence = BatchSequence
     return _BatchSequence

@@ -27,7 +27,7 @@ import importlib.machinery, sys
 class _NoTensorFlow(importlib.machinery.PathFinder):
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "tensorflow_text", "tf_keras", "tensorboard"):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_text", "tf_keras"):
             return None  # as if not installed
         return super().find_spec(name, path, target)
 sys.meta_path = [_NoTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
@@ -91,13 +91,20 @@ def test_train_on_tensorflow_resume_on_jax_generate_on_torch(tmp_path):
 
 
 def test_backend_key_and_environment(trained_run, tmp_path):
-    """The config's ``backend`` chooses; ``KERAS_BACKEND`` wins over it; the run says which it used."""
-    run = copy_run(trained_run, tmp_path / "run")
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    sets = tiny_sets("train.epochs=2", "train.sample_each_epoch=false", "backend=torch")
-    result = subprocess.run([sys.executable, "-m", "minigpt_cli", "train", "--run-dir", str(run), "--resume", *sets],
+    """The config's ``backend`` chooses; ``KERAS_BACKEND`` wins over it; the run says which it used. With
+    dropout, whose seed states PyTorch keeps in int32."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("vocab.txt", "vocab.json"):
+        shutil.copy(trained_run / name, run / name)
+    env = {**{k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}, "COLUMNS": "200"}
+    sets = ("train.sample_each_epoch=false", "backend=torch", "model.dropout=0.1")
+    result = subprocess.run([sys.executable, "-m", "minigpt_cli", "train", "--run-dir", str(run), *tiny_sets(*sets)],
                             capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert "backend torch (the config's backend key)" in ok(result)
+    said = ok(on("jax", "train", "--run-dir", run, "--resume", *tiny_sets(*sets, "train.epochs=2")))
+    assert "backend jax (KERAS_BACKEND)" in said
+    assert [row["epoch"] for row in history(run)] == [1, 2]
     bad = on("mxnet", "generate", "--run-dir", run)
     assert bad.returncode == 2 and "KERAS_BACKEND is 'mxnet'" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -128,7 +135,8 @@ def test_jax_without_tensorflow(trained_run, tmp_path):
 
 def test_jax_data_parallel_matches_one_device(tmp_path):
     """``train.distribution = mirrored`` on JAX is Keras' DataParallel: on two host devices, the same losses."""
-    sets = tiny_sets("train.sample_each_epoch=false", "train.steps_per_epoch=4")
+    # The whole validation text: its last batch is partial, and is padded to split over the two devices.
+    sets = tiny_sets("train.sample_each_epoch=false", "train.steps_per_epoch=4", "train.validation_steps=1000")
     one = tmp_path / "one"
     assert minigpt("vocab", "--run-dir", one, *sets).returncode == 0
     two = copy_run(one, tmp_path / "two")
@@ -138,6 +146,7 @@ def test_jax_data_parallel_matches_one_device(tmp_path):
     assert "distribution: mirrored, 2 replica(s)" in said
     np.testing.assert_allclose(steps(two), steps(one), rtol=1e-5)
     assert len(steps(one)) == 4
+    np.testing.assert_allclose(history(two)[0]["val_loss"], history(one)[0]["val_loss"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("windows", ["reference", "packed"])
