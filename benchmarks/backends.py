@@ -118,10 +118,9 @@ def fit_steps(model, batches, start: int, steps: int) -> float:
 def train_jit(setting: str) -> bool:
     """``model.jit_compile`` as ``minigpt train`` sets it from ``train.jit_compile`` (no distribution strategy):
     ``auto`` is XLA on TensorFlow and JAX, eager (no ``torch.compile``) on PyTorch."""
-    import keras
+    from minigpt_cli.train import step_jit
 
-    auto = keras.config.backend() in ("tensorflow", "jax")
-    return {"true": True, "false": False}.get(setting, auto)
+    return step_jit(setting)
 
 
 def same_weights(model, seed: int) -> None:
@@ -230,6 +229,14 @@ def built(children: list[Child]) -> dict[str, dict]:
         except ChildFailed:
             pass
     return answers
+
+
+def built_on(children: list[Child], console) -> tuple[dict[str, dict], dict]:
+    """``built``'s answers, with the machine they ran on printed; and the first answer ({} when none)."""
+    info = built(children)
+    if info:
+        console.print(f"machine: {machine(list(info.values()))}")
+    return info, next(iter(info.values()), {})
 
 
 def take_turns(children: list[Child], rounds: int, requests: Callable[[int], list[dict]]) -> dict[str, list[list]]:

@@ -290,10 +290,7 @@ def side_by_side(args) -> None:
         child_args += ["--run-dir", str(args.run_dir)]
     children = backends.start(Path(__file__), args.backend, child_args, build={})
     try:
-        info = backends.built(children)
-        if info:
-            console.print(f"machine: {backends.machine(list(info.values()))}")
-        first = next(iter(info.values()), {})
+        info, first = backends.built_on(children, console)
         console.print(
             f"model: {first.get('parameters', 0):,} parameters ({first.get('source', '?')}); {args.tokens} new tokens "
             f"from [BOS], batch 1; generate.jit_compile={args.jit}; {args.repeat} rounds per backend after a "

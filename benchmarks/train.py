@@ -220,10 +220,7 @@ def side_by_side(args) -> None:
                   "--precision", args.precision, "--jit", args.jit]  # fmt: skip
     children = backends.start(Path(__file__), args.backend, child_args, build={})
     try:
-        info = backends.built(children)
-        if info:
-            console.print(f"machine: {backends.machine(list(info.values()))}")
-        first = next(iter(info.values()), {})
+        info, first = backends.built_on(children, console)
         console.print(
             f"data: {args.train}, minigpt variant ({first.get('parameters', 0):,} parameters), batch "
             f"{first.get('batch', '?')} x window {first.get('window', '?')}, precision {args.precision}, "

@@ -38,15 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from minigpt_cli import backend
 from minigpt_cli.samplers import SEED_LIMIT, Controls, SamplerSpec
 
 log = logging.getLogger("minigpt.serve")
-
-
-def _backend() -> str:
-    import keras
-
-    return keras.config.backend()
 
 
 class RequestError(Exception):
@@ -382,7 +377,7 @@ class Engine:
         gen, spec, seeded = self.gen, jobs[0].spec, jobs[0].spec.seed is not None
         size = next((b for b in self._buckets() if b >= len(rows)), 0)
         # JAX compiles for each shape: there every batch takes the bucketed shapes, compiled once each.
-        xla = (jobs[0].key, size) in self._xla_shapes or (size > 0 and _backend() == "jax")
+        xla = (jobs[0].key, size) in self._xla_shapes or (size > 0 and backend.name() == "jax")
         sampler, _, chunk = self._loop(spec, jobs[0].controls, xla)
         if seeded:
             gen._seed(sampler, spec)

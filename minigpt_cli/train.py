@@ -157,6 +157,14 @@ def resume_conflicts(trained: Config | dict, now: Config) -> list[str]:
     ]
 
 
+def step_jit(setting: str, strategy=None) -> bool:
+    """``model.jit_compile`` from ``train.jit_compile``. ``auto``: XLA on TensorFlow (not under a strategy,
+    unless asked for) and on JAX, where every step is jitted; on PyTorch "true" is torch.compile, off unless
+    asked for."""
+    auto = {"tensorflow": strategy is None, "jax": True}.get(keras.config.backend(), False)
+    return {"true": True, "false": False}.get(setting, auto)
+
+
 def compilation(jit_compile: bool) -> str:
     """How the training step is compiled, in words."""
     if keras.config.backend() == "torch":
@@ -289,9 +297,7 @@ def train(
         write_text(out.samples, samples)
     # XLA made the reference model's steps 1.18x faster on a 2-core CPU (benchmarks/train.py); it stays
     # off under a distribution strategy unless asked for.
-    # On JAX every step is jitted (XLA); on PyTorch "true" is torch.compile, off unless asked for.
-    auto = {"tensorflow": dist.strategy is None, "jax": True}.get(keras.config.backend(), False)
-    model.jit_compile = {"true": True, "false": False}.get(cfg.train.jit_compile, auto)
+    model.jit_compile = step_jit(cfg.train.jit_compile, dist.strategy)
     model.multi_worker_logs = dist.kind == "multi_worker" and dist.strategy is not None  # tf.distribute's
     if keras.config.backend() == "jax" and dist.replicas > 1:
         # keras.distribution splits every batch evenly over the devices: the validation's last, partial batch is

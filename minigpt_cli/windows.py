@@ -169,8 +169,8 @@ class Cutter:
                 for row, line_ids in zip(rows, ids, strict=True):
                     row[0] = bos
                     row[1 : 1 + min(len(line_ids), width - 1)] = line_ids[: width - 1]
-                return _Host(rows)
-            return _Host(np.concatenate([np.concatenate([[bos], i]) for i in ids]).astype(np.int32))
+                return rows
+            return np.concatenate([np.concatenate([[bos], i]) for i in ids]).astype(np.int32)
 
         return cut
 
@@ -180,20 +180,10 @@ class Cutter:
 
     def __call__(self, lines: list[bytes]) -> np.ndarray:
         lines = [line for line in lines if self.keep(line)]
-        out = [self._cut(lines[i : i + LINES_PER_CALL]).numpy() for i in range(0, len(lines), LINES_PER_CALL)]
+        out = [np.asarray(self._cut(lines[i : i + LINES_PER_CALL])) for i in range(0, len(lines), LINES_PER_CALL)]
         if out:
             return np.concatenate(out).astype(np.int32)
         return np.zeros((0, self.seq_len + 1) if self.windows == "reference" else 0, np.int32)
-
-
-class _Host:
-    """A NumPy result with the ``.numpy()`` of the TensorFlow graphs' results."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-
-    def numpy(self) -> np.ndarray:
-        return self.array
 
 
 def cut_windows(files: list[Path], tokenizer, windows: str, seq_len: int, min_string_len: int) -> np.ndarray:

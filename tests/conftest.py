@@ -29,6 +29,21 @@ TINY = [
 ]
 
 
+#: Python source that, run first, makes TensorFlow unimportable as where it is not installed (``find_spec`` finds
+#: no ``tensorflow*`` or ``tf_keras`` module): KerasHub and Keras then run without it.
+BLOCK_TENSORFLOW = """
+import importlib.machinery, sys
+class _NoTensorFlow(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top.startswith("tensorflow") or top == "tf_keras":
+            return None  # as if not installed
+        return super().find_spec(name, path, target)
+sys.meta_path = [_NoTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+"""
+
+
 def tiny_sets(*extra: str, train: Path = CORPUS / "train.txt", valid: Path = CORPUS / "valid.txt") -> list[str]:
     """``--set`` arguments for a tiny run on the fixture corpus."""
     args = []

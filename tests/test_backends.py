@@ -16,23 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CORPUS, minigpt, tiny_sets
+from conftest import BLOCK_TENSORFLOW, CORPUS, minigpt, tiny_sets
 
 pytestmark = pytest.mark.backends
-
-#: Python source that makes ``import tensorflow`` (and tensorflow_text, tf_keras...) fail, as where it is not
-#: installed: KerasHub and Keras then run without it.
-BLOCK_TENSORFLOW = """
-import importlib.machinery, sys
-class _NoTensorFlow(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "tensorflow_text", "tf_keras"):
-            return None  # as if not installed
-        return super().find_spec(name, path, target)
-sys.meta_path = [_NoTensorFlow if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-"""
-
 
 def on(backend: str, *args: str, env: dict | None = None, block_tensorflow: bool = False):
     """``minigpt ARGS`` in a subprocess on ``backend`` (optionally where TensorFlow cannot be imported)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import CORPUS, TINY
+from conftest import BLOCK_TENSORFLOW, CORPUS, TINY
 from keras_hub.src.tokenizers.word_piece_tokenizer import pretokenize
 
 from minigpt_cli import fast_tokenizer
@@ -189,28 +189,11 @@ def test_vocabulary_lookups_match_keras_hub(vocab):
         FastWordPieceTokenizer([PAD, UNK, "a", "a"])
 
 
-def block_tensorflow_code() -> str:
-    """Python source that, run first, makes every ``tensorflow*`` module unimportable, as where it is missing."""
-    return textwrap.dedent(
-        """
-        import sys
-
-        class _NoTensorFlow:
-            def find_spec(self, name, path=None, target=None):
-                if name == "tensorflow" or name.startswith(("tensorflow.", "tensorflow_")):
-                    raise ImportError(f"No module named {name!r} (blocked)")
-                return None
-
-        sys.meta_path.insert(0, _NoTensorFlow())
-        """
-    )
-
-
 def test_works_where_tensorflow_cannot_be_imported(vocab, tmp_path):
     tokens, lowercase = vocab
     texts = [*_corpus_lines()[:20], *AWKWARD]
     (tmp_path / "in.json").write_text(json.dumps({"vocab": tokens, "lowercase": lowercase, "texts": texts}))
-    code = block_tensorflow_code() + textwrap.dedent(
+    code = BLOCK_TENSORFLOW + textwrap.dedent(
         """
         import json
         try:
